@@ -1,0 +1,3 @@
+from bytelm.cli import main
+
+main()

@@ -1,0 +1,9 @@
+"""The one exception type for a user's mistake.
+
+Anything raised as `UserError` reaches the user as a single line on stderr and exit code 2
+(see `bytelm.cli.main`); everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a config key, a path, a file's content, a flag value."""
