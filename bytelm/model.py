@@ -1,0 +1,367 @@
+"""The model: a decoder-only transformer trunk and n future-token heads.
+
+Read top to bottom: norms and rotary embeddings, attention with an optional static KV
+cache, the SwiGLU block, the head types, and the model that ties them together.
+
+The factorisation is the paper's (Gloeckle et al. 2024, §2): a shared trunk maps the
+context x_{<=t} to z_t, head i maps z_t to a distribution over x_{t+i} (i = 1..n). Head 1
+is the ordinary next-token head; heads 2..n are the drafters of self-speculative decoding.
+Every head reads the same trunk output (parallel heads). The final RMSNorm is shared.
+
+Head types (`model.head_type`), each one class behind `Heads`:
+- `transformer`: one transformer block per head, shared unembedding (the paper's default
+  for tokens). With `match_params` the trunk gives up n-1 blocks (paper §3).
+- `linear`: one d×d linear map per head, shared unembedding (paper Table S4).
+- `unembed`: no per-head layer, one unembedding per head, an (n·V × d) output matrix (the
+  paper's choice for byte models, cheap because V is small).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bytelm.config import ModelConfig, trunk_layers
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 are upcast; float64 stays float64)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin broadcastable to (B, 1, T, hd/2). Rotates pairs (x1, x2)
+    taken from the two halves of the head dimension (the GPT-NeoX layout)."""
+    x1, x2 = upcast(x).chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+@dataclass
+class Rope:
+    """Rotary tables gathered for the positions being computed, plus the attention mode.
+
+    Without a cache the positions are 0..T-1 and attention is plain causal. With a cache,
+    each row b has its own positions (B, T) and attends to every cached key at a position
+    <= its query's position (`mask`, (B, 1, T, L))."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class KVCache(nn.Module):
+    """A static, preallocated cache of one attention layer: (B, H_kv, L, hd) keys and values.
+
+    Slot p holds the key/value of the token at absolute position p of that row. Rows
+    advance independently: a write goes to each row's own positions, and slots past a
+    row's length hold stale values that the mask never lets a query see."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        # Advanced indices separated by a slice put their dims first: target (B, T, H, hd).
+        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        # One fused projection for q, k, v: one matmul instead of three.
+        self.wqkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+        gqa = Hkv != H
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_all, v_all = cache.write(k, v, rope.positions)
+            y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=rope.mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(d, 2 * hidden, bias=False)  # gate and up projection, fused
+        self.w2 = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def ffn_hidden(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden:
+        return cfg.ffn_hidden
+    return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, ffn_hidden(cfg))
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def flops_per_token(self, cfg: ModelConfig, seq_len: int) -> int:
+        """Forward FLOPs: 2 per multiply-add of every weight, plus attention scores and
+        the weighted sum over seq_len keys (2·2·T·d; no causal discount, PaLM's rule)."""
+        weights = sum(p.numel() for n, p in self.named_parameters() if n.endswith("weight") and p.dim() == 2)
+        return 2 * weights + 4 * seq_len * cfg.d_model
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+class Heads(nn.Module):
+    """n heads on the trunk output z. `hidden(i, z, ...)` is head i's representation
+    before the shared final norm; `unembed(i, h)` maps it to logits. A new head type is
+    one subclass of this."""
+
+    n: int
+    attends = False  # True when heads hold attention layers (and so need KV caches)
+
+    def hidden(self, i: int, z: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unembed(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flops_per_token(self, i: int, cfg: ModelConfig, seq_len: int) -> int:
+        raise NotImplementedError
+
+
+class TransformerHeads(Heads):
+    attends = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n = cfg.n_future
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(self.n))
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def hidden(self, i, z, rope, cache=None):
+        return self.blocks[i](z, rope, cache)
+
+    def unembed(self, i, h):
+        return self.output(h)
+
+    def flops_per_token(self, i, cfg, seq_len):
+        return self.blocks[i].flops_per_token(cfg, seq_len) + 2 * self.output.weight.numel()
+
+
+class LinearHeads(Heads):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n = cfg.n_future
+        self.maps = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(self.n))
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def hidden(self, i, z, rope, cache=None):
+        return self.maps[i](z)
+
+    def unembed(self, i, h):
+        return self.output(h)
+
+    def flops_per_token(self, i, cfg, seq_len):
+        return 2 * self.maps[i].weight.numel() + 2 * self.output.weight.numel()
+
+
+class UnembedHeads(Heads):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n = cfg.n_future
+        self.vocab = cfg.vocab_size
+        # (n·V × d): rows [i·V, (i+1)·V) are head i's unembedding.
+        self.output = nn.Linear(cfg.d_model, self.n * cfg.vocab_size, bias=False)
+
+    def hidden(self, i, z, rope, cache=None):
+        return z
+
+    def unembed(self, i, h):
+        return F.linear(h, self.output.weight[i * self.vocab : (i + 1) * self.vocab])
+
+    def flops_per_token(self, i, cfg, seq_len):
+        return 2 * self.vocab * cfg.d_model
+
+
+HEADS: dict[str, type[Heads]] = {"transformer": TransformerHeads, "linear": LinearHeads, "unembed": UnembedHeads}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ModelCache(nn.Module):
+    """KV caches for every trunk block and, for transformer heads, every head block."""
+
+    def __init__(self, trunk: list[KVCache], heads: list[KVCache] | None):
+        super().__init__()
+        self.trunk = nn.ModuleList(trunk)
+        self.heads = nn.ModuleList(heads) if heads else None
+
+    @property
+    def batch_size(self) -> int:
+        return self.trunk[0].k.shape[0] if len(self.trunk) else 0
+
+    @property
+    def max_len(self) -> int:
+        return self.trunk[0].k.shape[2]
+
+
+class MTPTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.n_future = cfg.n_future
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(trunk_layers(cfg)))
+        self.heads = HEADS[cfg.head_type](cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # shared by all heads
+        cos, sin = rope_tables(cfg.context, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Residual output projections are scaled down with depth (GPT-2), so the residual
+        # stream's variance does not grow with the number of blocks.
+        depth = len(self.blocks) + (self.n_future if self.heads.attends else 1)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * depth))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # -- the two halves ------------------------------------------------------------
+
+    def rope(self, T: int, positions: torch.Tensor | None = None, cache_len: int | None = None) -> Rope:
+        if positions is None:
+            return Rope(self.rope_cos[:T][None, None], self.rope_sin[:T][None, None])
+        cos = self.rope_cos[positions][:, None]  # (B, 1, T, hd/2)
+        sin = self.rope_sin[positions][:, None]
+        keys = torch.arange(cache_len, device=positions.device)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+        return Rope(cos, sin, positions, mask)
+
+    def trunk(self, idx: torch.Tensor, rope: Rope | None = None, cache: ModelCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> trunk output z (B, T, d), un-normalised."""
+        rope = rope or self.rope(idx.shape[1])
+        x = self.tok_emb(idx)
+        for j, block in enumerate(self.blocks):
+            x = block(x, rope, cache.trunk[j] if cache is not None else None)
+        return x
+
+    def head_logits(self, i: int, z: torch.Tensor, rope: Rope | None = None, cache: ModelCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of head i (0-based; head 0 predicts the next token)."""
+        rope = rope or self.rope(z.shape[1])
+        head_cache = cache.heads[i] if cache is not None and cache.heads is not None else None
+        return self.heads.unembed(i, self.norm(self.heads.hidden(i, z, rope, head_cache)))
+
+    def forward(self, idx: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
+        """Logits (B, T, k, V) of the first k = n_heads heads (default all), no cache."""
+        k = self.n_future if n_heads is None else n_heads
+        z = self.trunk(idx)
+        return torch.stack([self.head_logits(i, z) for i in range(k)], dim=2)
+
+    # -- decoding with a static KV cache ------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> ModelCache:
+        max_len = max_len or self.cfg.context
+        if max_len > self.cfg.context:
+            raise ValueError(f"cache length {max_len} exceeds the model's context {self.cfg.context}")
+        p = self.tok_emb.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        hkv = self.cfg.n_kv_heads or self.cfg.n_heads
+        hd = self.cfg.d_model // self.cfg.n_heads
+
+        def make(n):
+            return [KVCache(batch, hkv, max_len, hd, device, dtype) for _ in range(n)]
+
+        return ModelCache(make(len(self.blocks)), make(self.n_future) if self.heads.attends else None)
+
+    def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor, cache: ModelCache, n_heads: int = 1) -> torch.Tensor:
+        """Tokens idx (B, T) at absolute positions (B, T): writes their keys/values into
+        the cache and returns the logits (B, T, n_heads, V) of the first n_heads heads."""
+        rope = self.rope(idx.shape[1], positions, cache.max_len)
+        z = self.trunk(idx, rope, cache)
+        return torch.stack([self.head_logits(i, z, rope, cache) for i in range(n_heads)], dim=2)
+
+    # -- accounting ------------------------------------------------------------------
+
+    def param_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        emb = self.tok_emb.weight.numel()
+        unemb = self.heads.output.weight.numel()
+        trunk = sum(p.numel() for p in self.blocks.parameters())
+        return {
+            "params": total,
+            # Non-embedding: without the token embedding and the unembedding(s) (Kaplan et
+            # al.'s convention, used by the paper's induction study).
+            "params_non_embedding": total - emb - unemb,
+            "params_trunk": trunk,
+            "params_heads": sum(p.numel() for p in self.heads.parameters()),
+        }
+
+    def flops_per_token(self, seq_len: int | None = None, n_heads: int | None = None, training: bool = True) -> int:
+        """FLOPs per token for a forward (training=False) or forward+backward (×3) pass
+        over the trunk and the first n_heads heads (default all), attention included."""
+        T = seq_len or self.cfg.context
+        k = self.n_future if n_heads is None else n_heads
+        fwd = sum(b.flops_per_token(self.cfg, T) for b in self.blocks)
+        fwd += sum(self.heads.flops_per_token(i, self.cfg, T) for i in range(k))
+        return 3 * fwd if training else fwd
