@@ -1,0 +1,327 @@
+"""The training loop: one loop for every vocabulary, head type and number of heads.
+
+    bytelm train --config experiments/configs/smoke.yaml --run-dir runs/smoke [--set k=v ...]
+    torchrun --nproc_per_node 4 -m bytelm train --config ... --run-dir ...
+
+A run directory that already holds a checkpoint resumes from it: weights, optimizer,
+scheduler, RNG states and the data position (the batch of step s depends only on the
+seed and s, so resuming needs only the step). On CPU in float32 a run killed with SIGKILL
+and restarted produces the same losses as one that was never interrupted
+(tests/test_train.py).
+
+Several GPUs: data parallel over torchrun's processes. Gradients are averaged with one
+all-reduce per optimizer step (after gradient accumulation and after every head's
+separate backward of the memory-efficient loss — which is why this is not
+DistributedDataParallel: DDP's hooks expect one backward per forward). The global batch
+and the data order do not depend on the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bytelm import checkpoint as ckpt
+from bytelm.config import RunConfig, load_config, save_config, to_dict
+from bytelm.errors import UserError
+from bytelm.loss import HeadStats, accumulate_head_stats, loss_and_backward
+from bytelm.model import MTPTransformer
+from bytelm.shards import ShardDataset
+
+# Dense bf16 datasheet peak FLOP/s per GPU, for MFU. (H100 SXM: 989 too.)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    d = Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def pick_device(cfg: RunConfig, d: Dist) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_for(cfg: RunConfig, device: torch.device):
+    """bf16 autocast on GPU (weights and optimizer stay fp32); fp32 on CPU."""
+    use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return None
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup, then cosine decay to min_lr_ratio × peak at the last step."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(1, t.steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: MTPTransformer, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    # Weight decay on matrices only (not on norms' gains), as in nanoGPT.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=device.type == "cuda")
+
+
+def all_reduce_grads(model: MTPTransformer, world: int) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def open_data(cfg: RunConfig) -> tuple[ShardDataset, ShardDataset]:
+    root = Path(cfg.data.root) / cfg.data.tokenizer
+    for split in ("train", "val"):
+        if not (root / split / "meta.json").is_file():
+            raise UserError(f"no prepared {split} shards at {root / split} (run `bytelm prepare`, or set data.root)")
+    return ShardDataset(root / "train"), ShardDataset(root / "val")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: MTPTransformer, val: ShardDataset, cfg: RunConfig, device, autocast, micro: int) -> dict[str, float]:
+    """Bits per byte, loss and top-1 accuracy of every head on the first
+    `train.eval_batches` batches of the validation split (the same batches every time)."""
+    model.eval()
+    stats = HeadStats.zeros(cfg.model.n_future)
+    lengths = torch.from_numpy(val.tokenizer.token_byte_lengths).to(device)
+    for x, y in val.iter_eval_batches(cfg.model.context, cfg.model.n_future, micro, cfg.train.eval_batches):
+        accumulate_head_stats(model, x.to(device), y.to(device), lengths, stats, autocast() if autocast else None)
+    model.train()
+    return stats.metrics("val")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, tags: dict | None = None) -> dict:
+    d = init_distributed()
+    device = pick_device(cfg, d)
+    train_ds, val_ds = open_data(cfg)
+    tok = train_ds.tokenizer
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise UserError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    t, m = cfg.train, cfg.model
+    micro = t.micro_batch_size or t.batch_size // d.world
+    if t.batch_size % (micro * d.world):
+        raise UserError(f"config key 'train.batch_size': {t.batch_size} is not a multiple of micro_batch_size {micro} × {d.world} processes")
+    accum = t.batch_size // (micro * d.world)
+    weights = list(t.loss_weights) or [1.0] * m.n_future
+
+    run_dir = Path(run_dir)
+    start = ckpt.list_checkpoints(run_dir)
+    if start:  # resuming: the model must be the one the checkpoint holds
+        saved = ckpt.load_config(start[-1])
+        if to_dict(saved)["model"] != to_dict(cfg)["model"]:
+            raise UserError(f"{run_dir} holds a checkpoint of a different model config; use a new --run-dir")
+
+    torch.manual_seed(t.seed)
+    model = MTPTransformer(m).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    state = {"step": 0, "best_val_bpb": float("inf"), "tokens_seen": 0, "bytes_seen": 0}
+    if start:
+        ckpt.load_weights(model, start[-1])
+        opt_state = torch.load(start[-1] / "optim.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        ckpt.set_rng_state(torch.load(start[-1] / "rng.pt", weights_only=False))
+        state.update(ckpt.read_state(start[-1]))
+        state.pop("tokenizer", None)
+    autocast = autocast_for(cfg, device)
+    if t.compile == "true" or (t.compile == "auto" and device.type == "cuda"):
+        # Per block, in place: parameter names (and so checkpoints) stay unchanged, and
+        # the memory-efficient loss can still call trunk and heads separately.
+        for block in list(model.blocks) + list(getattr(model.heads, "blocks", [])):
+            block.compile()
+
+    counts = model.param_counts()
+    flops_tok = model.flops_per_token(m.context)
+    byte_lengths = torch.from_numpy(tok.token_byte_lengths)
+    peak = peak_flops(device)
+
+    tracker = None
+    if d.main:
+        from bytelm.tracking import Tracker
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        name = cfg.tracking.run_name or run_dir.name
+        tracker = Tracker(run_dir, to_dict(cfg), experiment=cfg.tracking.experiment, run_name=name,
+                          use_mlflow=cfg.tracking.mlflow, tags=tags, parent_run_id=parent_run_id)
+        tracker.rewind(state["step"])
+        tracker.set_status("running", step=state["step"])
+        if state["step"] == 0:
+            tracker.log_metrics({f"model/{k}": v for k, v in counts.items()}
+                                | {"model/flops_per_token": flops_tok,
+                                   "model/flops_per_token_head1": model.flops_per_token(m.context, n_heads=1)}, step=0)
+
+    def save(name: str) -> None:
+        ckpt.save_checkpoint(run_dir, name, model, cfg, tok, state, optimizer, scheduler)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=t.steps, initial=state["step"], disable=not d.main, desc=run_dir.name, dynamic_ncols=True)
+    began = time.time()
+    window: list[tuple[float, list[float]]] = []
+    tic, window_tokens, window_bytes = time.time(), 0, 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while state["step"] < t.steps:
+            step = state["step"]
+            x_all, y_all = train_ds.batch(step, m.context, m.n_future, t.batch_size, t.seed, d.rank, d.world)
+            losses = []
+            for a in range(accum):
+                x = x_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
+                y = y_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
+                losses.append(loss_and_backward(model, x, y, weights, t.loss_mode, 1.0 / accum, autocast() if autocast else None))
+            if d.world > 1:
+                all_reduce_grads(model, d.world)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+            total = sum(l.total for l in losses) / accum
+            if not math.isfinite(total) or not math.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite loss ({total}) or gradient norm ({grad_norm}) at step {step}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_tokens = t.batch_size * m.context
+            step_bytes = int(byte_lengths[x_all].sum()) * d.world  # this rank's share × ranks
+            state["step"] = step + 1
+            state["tokens_seen"] += step_tokens
+            state["bytes_seen"] += step_bytes
+            window.append((total, [sum(l.per_head[i] for l in losses) / accum for i in range(m.n_future)]))
+            window_tokens += step_tokens
+            window_bytes += step_bytes
+            bar.update(1)
+
+            if d.main and (state["step"] % t.log_every == 0 or state["step"] == t.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = max(time.time() - tic, 1e-9)
+                row = {
+                    "loss": float(np.mean([w[0] for w in window])),
+                    **{f"loss/head_{i + 1}": float(np.mean([w[1][i] for w in window])) for i in range(m.n_future)},
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / dt,
+                    "bytes_per_s": window_bytes / dt,
+                    "train/tokens_seen": state["tokens_seen"],
+                    "train/bytes_seen": state["bytes_seen"],
+                    "train/flops": state["tokens_seen"] * flops_tok,
+                }
+                if peak:
+                    row["mfu"] = flops_tok * window_tokens / dt / (peak * d.world)
+                if device.type == "cuda":
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                tracker.log_metrics(row, state["step"])
+                bar.set_postfix(loss=f"{row['loss']:.3f}", bytes_s=f"{row['bytes_per_s']:.3g}")
+                window, window_tokens, window_bytes, tic = [], 0, 0, time.time()
+
+            done = state["step"] == t.steps
+            out_of_time = t.time_limit_s > 0 and time.time() - began > t.time_limit_s
+            if state["step"] % t.eval_every == 0 or done or out_of_time:
+                metrics = evaluate(model, val_ds, cfg, device, autocast, micro)
+                if d.main:
+                    tracker.log_metrics(metrics, state["step"])
+                    if metrics["val/bpb"] < state["best_val_bpb"]:
+                        state["best_val_bpb"] = metrics["val/bpb"]
+                        save("best")
+            if d.main and (state["step"] % t.checkpoint_every == 0 or done or out_of_time):
+                save(f"step_{state['step']:07d}")
+                ckpt.prune_checkpoints(run_dir, t.keep_last)
+            if out_of_time:
+                break
+    except BaseException as e:
+        if tracker is not None:
+            status = "killed" if isinstance(e, KeyboardInterrupt) else "failed"
+            tracker.set_status(status, error=f"{type(e).__name__}: {e}", step=state["step"])
+        if isinstance(e, FloatingPointError):
+            raise UserError(f"{e}; the run stopped, its last good checkpoint is kept in {run_dir / 'checkpoints'}") from None
+        raise
+    finally:
+        bar.close()
+        if d.world > 1:
+            dist.destroy_process_group()
+    result = {"step": state["step"], "best_val_bpb": state["best_val_bpb"]}
+    if tracker is not None:
+        tracker.set_status("finished" if state["step"] >= t.steps else "stopped", step=state["step"])
+        tracker.close()
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML config (defaults: bytelm/config.py)")
+    p.add_argument("--run-dir", required=True, help="run directory; resumes from its latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable (e.g. model.n_future=8)")
+    p.add_argument("--parent-run-id", help="MLflow parent run (sweeps)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="MLflow tag, repeatable")
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.set)
+    tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
+    train(cfg, Path(args.run_dir), parent_run_id=args.parent_run_id, tags=tags)
+    return 0

@@ -1,0 +1,132 @@
+"""The training loop on real smoke shards: learning, exact resume, checkpoints, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bytelm import checkpoint as ckpt
+from bytelm.config import load_config
+from bytelm.errors import UserError
+from bytelm.model import MTPTransformer
+from bytelm.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+
+
+def cfg_for(smoke_data, *overrides):
+    return load_config(SMOKE, [f"data.root={smoke_data}", "tracking.mlflow=false", *overrides])
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("tokenizer,head_type,n", [("bytes", "unembed", 4), ("bpe", "transformer", 2)])
+def test_loss_falls_on_real_shards(smoke_data, tmp_path, tokenizer, head_type, n):
+    cfg = cfg_for(smoke_data, f"data.tokenizer={tokenizer}", f"model.head_type={head_type}", f"model.n_future={n}",
+                  "train.steps=40", "train.log_every=5", "train.eval_every=40")
+    train(cfg, tmp_path / "run")
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    for i in range(1, n + 1):  # every head learns
+        assert steps[-1][f"loss/head_{i}"] < steps[0][f"loss/head_{i}"]
+    val = [r for r in rows if "val/bpb" in r][-1]
+    assert 0 < val["val/bpb"] < 8 and 0 < val["val/acc/head_1"] <= 1
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
+
+
+def test_exact_resume_after_sigkill(smoke_data, tmp_path):
+    """A run killed with SIGKILL and restarted logs the same losses, step for step, as
+    one that was never interrupted (CPU, float32, same seed)."""
+    common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=30", "train.log_every=1",
+              "train.checkpoint_every=5", "train.eval_every=1000", "model.n_future=2"]
+    train(load_config(SMOKE, common), tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(run)]
+    for o in common:
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 12:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(losses(run))
+    assert killed_at < 30 and ckpt.list_checkpoints(run)
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    a, b = losses(tmp_path / "straight"), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert a == b  # exact equality, including the steps after the restart
+
+
+def test_checkpoint_round_trip_restores_every_head(smoke_data, tmp_path):
+    cfg = cfg_for(smoke_data, "model.n_future=3", "model.head_type=linear", "train.steps=3", "train.eval_every=3")
+    train(cfg, tmp_path / "run")
+    model, tok, saved = ckpt.load_model(tmp_path / "run")
+    assert saved.model.n_future == 3 and tok.kind == "bytes"
+    ref = MTPTransformer(saved.model)
+    ckpt.load_weights(ref, ckpt.resolve_checkpoint(tmp_path / "run"))
+    for (k, v), (_, w) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert any(k.startswith("heads.maps.2") for k in model.state_dict())
+
+    # a model with one head fewer (or more) must not load silently
+    fewer = MTPTransformer(load_config(None, ["model.n_future=2", "model.head_type=linear",
+                                              f"model.vocab_size={tok.vocab_size}", "model.d_model=128", "model.context=256"]).model)
+    with pytest.raises(UserError, match="heads.maps.2"):
+        ckpt.load_weights(fewer, ckpt.resolve_checkpoint(tmp_path / "run"))
+
+
+def test_corrupted_checkpoint_is_a_clear_error(smoke_data, tmp_path):
+    args = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=2", "train.eval_every=2"]
+    train(load_config(SMOKE, args), tmp_path / "run")
+    f = ckpt.resolve_checkpoint(tmp_path / "run") / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        ckpt.load_model(tmp_path / "run")
+    cmd = [sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(tmp_path / "run")]
+    for o in args + ["train.steps=4"]:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,key", [("model.head_type=medusa", "model.head_type"), ("model.n_future=0", "model.n_future"),
+                                          ("model.n_futur=2", "n_futur"), ("train.steps=abc", "train.steps")])
+def test_bad_config_is_one_clear_message(tmp_path, override, key):
+    r = subprocess.run([sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(tmp_path / "r"), "--set", override],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert key in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_continues_the_same_mlflow_run(smoke_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(SMOKE, [f"data.root={smoke_data}", "train.steps=4", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=2"])
+    train(cfg, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
+    cfg.train.steps = 8
+    train(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"] == first
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first, "loss")] == list(range(1, 9))
+    assert run.data.params["model.n_future"] == "1"
