@@ -131,6 +131,28 @@ def open_data(cfg: RunConfig) -> tuple[ShardDataset, ShardDataset]:
     return ShardDataset(root / "train"), ShardDataset(root / "val")
 
 
+def optimizer_step(model, optimizer, x_all, y_all, weights, micro, loss_mode, grad_clip, autocast, world=1):
+    """One optimizer step over this rank's share of the global batch, in micro-batches
+    of `micro` sequences. Returns (loss, per-head losses, gradient norm before clipping).
+    A non-finite gradient skips the update (the caller stops the run)."""
+    accum = len(x_all) // micro
+    device = next(model.parameters()).device
+    losses = []
+    for a in range(accum):
+        x = x_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
+        y = y_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
+        losses.append(loss_and_backward(model, x, y, weights, loss_mode, 1.0 / accum, autocast() if autocast else None))
+    if world > 1:
+        all_reduce_grads(model, world)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+    total = sum(l.total for l in losses) / accum
+    per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(weights))]
+    if math.isfinite(total) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, per_head, grad_norm
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -229,27 +251,18 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
         while state["step"] < t.steps:
             step = state["step"]
             x_all, y_all = train_ds.batch(step, m.context, m.n_future, t.batch_size, t.seed, d.rank, d.world)
-            losses = []
-            for a in range(accum):
-                x = x_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
-                y = y_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
-                losses.append(loss_and_backward(model, x, y, weights, t.loss_mode, 1.0 / accum, autocast() if autocast else None))
-            if d.world > 1:
-                all_reduce_grads(model, d.world)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
-            total = sum(l.total for l in losses) / accum
+            total, per_head, grad_norm = optimizer_step(model, optimizer, x_all, y_all, weights, micro, t.loss_mode,
+                                                        t.grad_clip, autocast, d.world)
             if not math.isfinite(total) or not math.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite loss ({total}) or gradient norm ({grad_norm}) at step {step}")
-            optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             step_tokens = t.batch_size * m.context
             step_bytes = int(byte_lengths[x_all].sum()) * d.world  # this rank's share × ranks
             state["step"] = step + 1
             state["tokens_seen"] += step_tokens
             state["bytes_seen"] += step_bytes
-            window.append((total, [sum(l.per_head[i] for l in losses) / accum for i in range(m.n_future)]))
+            window.append((total, per_head))
             window_tokens += step_tokens
             window_bytes += step_bytes
             bar.update(1)

@@ -1,0 +1,137 @@
+"""Training throughput, MFU and peak memory of the training step, per configuration.
+
+    python benchmarks/train_bench.py --json out.json [--preset h200|cpu] [--only NAME,...]
+
+Runs the training loop's own `optimizer_step` (bytelm.train) on random token ids — the
+step's cost does not depend on the data — after a few warm-up steps (compilation), and
+prints a table: ms/step, tokens/s, bytes/s (byte models: = tokens/s; token models:
+tokens/s × --bytes-per-token, the measured bytes per token of the BPE on the validation
+split, docs/data.md), MFU against the GPU's dense bf16 datasheet peak with every head's
+FLOPs included (model.flops_per_token), the step-time ratio to n=1 of the same arm, and
+peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+
+import torch
+
+from bytelm.config import load_config
+from bytelm.model import MTPTransformer
+from bytelm.train import autocast_for, make_optimizer, optimizer_step, peak_flops
+
+BYTE_100M = ["model.n_layers=14", "model.d_model=768", "model.n_heads=12", "model.vocab_size=258", "model.head_type=unembed"]
+TOKEN_135M = ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.vocab_size=32768", "model.head_type=transformer"]
+CTX_BATCH = ["model.context=2048", "train.batch_size=32"]
+
+PRESETS = {
+    "h200": {
+        **{f"bytes-n{n}": BYTE_100M + CTX_BATCH + [f"model.n_future={n}"] for n in (1, 8, 16, 32)},
+        "bytes-n1-ctx8192": BYTE_100M + ["model.context=8192", "train.batch_size=8", "model.n_future=1"],
+        **{f"tokens-n{n}": TOKEN_135M + CTX_BATCH + [f"model.n_future={n}"] for n in (1, 2, 4, 8)},
+        "tokens-n4-naive": TOKEN_135M + CTX_BATCH + ["model.n_future=4", "train.loss_mode=naive"],
+        "bytes-n32-naive": BYTE_100M + CTX_BATCH + ["model.n_future=32", "train.loss_mode=naive"],
+    },
+    "cpu": {
+        **{f"bytes-n{n}": ["model.n_layers=4", "model.d_model=128", "model.vocab_size=258", "model.head_type=unembed",
+                           "model.context=256", "train.batch_size=8", f"model.n_future={n}"] for n in (1, 8)},
+        **{f"tokens-n{n}": ["model.n_layers=5", "model.d_model=128", "model.vocab_size=2048", "model.context=256",
+                            "train.batch_size=8", f"model.n_future={n}"] for n in (1, 4)},
+    },
+}
+
+
+def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torch.device, bytes_per_token: float) -> dict:
+    cfg = load_config(None, overrides + [f"train.device={device.type}"])
+    m, t = cfg.model, cfg.train
+    torch.manual_seed(0)
+    model = MTPTransformer(m).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    if device.type == "cuda" and t.compile != "false":
+        for block in list(model.blocks) + list(getattr(model.heads, "blocks", [])):
+            block.compile()
+    autocast = autocast_for(cfg, device)
+    weights = [1.0] * m.n_future
+    x = torch.randint(0, m.vocab_size, (t.batch_size, m.context))
+    y = torch.randint(0, m.vocab_size, (t.batch_size, m.context, m.n_future))
+    micro = t.micro_batch_size or t.batch_size
+
+    def step():
+        return optimizer_step(model, optimizer, x, y, weights, micro, t.loss_mode, t.grad_clip, autocast)
+
+    t0 = time.time()
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm_s = time.time() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    tokens = t.batch_size * m.context
+    flops = model.flops_per_token(m.context)
+    peak = peak_flops(device)
+    is_bytes = m.vocab_size <= 512
+    return {
+        "name": name,
+        "n_future": m.n_future,
+        "head_type": m.head_type,
+        "loss_mode": t.loss_mode,
+        "params": model.param_counts()["params"],
+        "context": m.context,
+        "batch": t.batch_size,
+        "ms_per_step": 1000 * dt,
+        "tokens_per_s": tokens / dt,
+        "bytes_per_s": tokens / dt * (1.0 if is_bytes else bytes_per_token),
+        "flops_per_token": flops,
+        "mfu": flops * tokens / dt / peak if peak else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "warmup_s": warm_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="h200" if torch.cuda.is_available() else "cpu", choices=sorted(PRESETS))
+    ap.add_argument("--only", default="", help="comma-separated names from the preset")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--bytes-per-token", type=float, default=3.0, help="BPE bytes per token for the token arm's bytes/s")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    names = args.only.split(",") if args.only else list(PRESETS[args.preset])
+    rows = []
+    for name in names:
+        rows.append(bench(name, PRESETS[args.preset][name], args.steps, args.warmup, device, args.bytes_per_token))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    # step-time ratio against n=1 of the same arm (same loss mode)
+    base = {(r["head_type"], r["context"]): r for r in rows if r["n_future"] == 1}
+    for r in rows:
+        b = base.get((r["head_type"], r["context"]))
+        r["step_time_vs_n1"] = r["ms_per_step"] / b["ms_per_step"] if b else None
+        r["mfu_vs_n1"] = r["mfu"] / b["mfu"] if b and r["mfu"] and b["mfu"] else None
+    from tabulate import tabulate
+
+    cols = ["name", "params", "ms_per_step", "tokens_per_s", "bytes_per_s", "mfu", "mfu_vs_n1", "step_time_vs_n1", "peak_mem_gb"]
+    print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".3g"))
+    hw = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    out = {"date": str(date.today()), "hardware": hw, "torch": torch.__version__, "args": vars(args), "rows": rows}
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
