@@ -23,7 +23,7 @@ import torch
 
 from bytelm.config import load_config
 from bytelm.model import MTPTransformer
-from bytelm.train import autocast_for, make_optimizer, optimizer_step, peak_flops
+from bytelm.train import autocast_for, compile_model, make_optimizer, optimizer_step, peak_flops
 
 BYTE_100M = ["model.n_layers=14", "model.d_model=768", "model.n_heads=12", "model.vocab_size=258", "model.head_type=unembed"]
 TOKEN_135M = ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.vocab_size=32768", "model.head_type=transformer"]
@@ -46,15 +46,19 @@ PRESETS = {
 }
 
 
-def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torch.device, bytes_per_token: float) -> dict:
+def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torch.device, bytes_per_token: float,
+          profile: bool = False) -> dict:
+    # Each configuration compiles afresh, as in its own training process (dynamo's
+    # recompile limit would otherwise send later configurations to eager mode).
+    torch._dynamo.reset()
     cfg = load_config(None, overrides + [f"train.device={device.type}"])
     m, t = cfg.model, cfg.train
     torch.manual_seed(0)
     model = MTPTransformer(m).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    if device.type == "cuda" and t.compile != "false":
-        for block in list(model.blocks) + list(getattr(model.heads, "blocks", [])):
-            block.compile()
+    compiled = device.type == "cuda" and t.compile != "false"
+    if compiled:
+        compile_model(model)
     autocast = autocast_for(cfg, device)
     weights = [1.0] * m.n_future
     x = torch.randint(0, m.vocab_size, (t.batch_size, m.context))
@@ -62,7 +66,7 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
     micro = t.micro_batch_size or t.batch_size
 
     def step():
-        return optimizer_step(model, optimizer, x, y, weights, micro, t.loss_mode, t.grad_clip, autocast)
+        return optimizer_step(model, optimizer, x, y, weights, micro, t.loss_mode, t.grad_clip, autocast, compiled=compiled)
 
     t0 = time.time()
     for _ in range(warmup):
@@ -77,6 +81,7 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    breakdown = profile_steps(step, device) if profile else None
     tokens = t.batch_size * m.context
     flops = model.flops_per_token(m.context)
     peak = peak_flops(device)
@@ -96,7 +101,40 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
         "mfu": flops * tokens / dt / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "warmup_s": warm_s,
+        "gpu_time_breakdown": breakdown,
     }
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "matmul", "nvjet", "cublas")):
+        return "matmul"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("adam", "multi_tensor", "foreach")):
+        return "optimizer"
+    if any(k in n for k in ("nccl", "allreduce")):
+        return "communication"
+    if "triton" in n:
+        return "fused elementwise/norm/loss (triton)"
+    return "other elementwise/copies"
+
+
+def profile_steps(step, device, n: int = 3) -> dict:
+    """GPU kernel time per category over n steps, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    cats: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", 0.0)
+        if t:
+            c = kernel_category(evt.key)
+            cats[c] = cats.get(c, 0.0) + t / 1000 / n
+    return dict(sorted(cats.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -106,6 +144,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--bytes-per-token", type=float, default=3.0, help="BPE bytes per token for the token arm's bytes/s")
+    ap.add_argument("--profile", default="", help="comma-separated names to profile (GPU time per kernel category)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +152,8 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(PRESETS[args.preset])
     rows = []
     for name in names:
-        rows.append(bench(name, PRESETS[args.preset][name], args.steps, args.warmup, device, args.bytes_per_token))
+        rows.append(bench(name, PRESETS[args.preset][name], args.steps, args.warmup, device, args.bytes_per_token,
+                          profile=name in args.profile.split(",") and device.type == "cuda"))
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)

@@ -24,16 +24,53 @@ from bytelm.model import MTPTransformer, upcast
 IGNORE = -100
 
 
+# Heads whose logits are computed and backpropagated together in the memory-efficient
+# order: as many as fit in this many logits per position (one 32k-vocabulary head, or
+# every head of a byte model with V = 258). Peak memory stays that of one large-vocabulary
+# head, while small-vocabulary heads share one matmul and one cross-entropy kernel.
+LOGITS_PER_GROUP = 32768
+
+
 @dataclass
 class StepLoss:
     total: float  # Σ_i w_i · loss_i
     per_head: list[float]  # mean CE (nats per target) of each head
 
 
-def _head_ce(model: MTPTransformer, i: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model.head_logits(i, z)
+def _norm_unembed_nll(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, unembedding: torch.Tensor,
+                      vocab: int, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row NLL of softmax(W · rmsnorm(h)) (0 where the target is ignored). One
+    function so that torch.compile can fuse the norm, the upcast and the log-sum-exp
+    instead of materialising float32 copies of the logits."""
+    logits = F.linear(F.rms_norm(h, (h.shape[-1],), norm_weight, eps), unembedding)
     # float32 for the softmax: bf16 logits lose too much precision in the log-sum-exp.
-    return F.cross_entropy(upcast(logits).flatten(0, 1), y[..., i].flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(upcast(logits).reshape(-1, vocab), targets, ignore_index=IGNORE, reduction="none")
+
+
+_compiled_nll = None
+
+
+def _nll_fn(compiled: bool):
+    global _compiled_nll
+    if not compiled:
+        return _norm_unembed_nll
+    if _compiled_nll is None:
+        _compiled_nll = torch.compile(_norm_unembed_nll, dynamic=False)
+    return _compiled_nll
+
+
+def head_groups(n: int, vocab: int) -> list[tuple[int, int]]:
+    g = max(1, LOGITS_PER_GROUP // vocab)
+    return [(a, min(a + g, n)) for a in range(0, n, g)]
+
+
+def _group_loss(model: MTPTransformer, a: int, b: int, z: torch.Tensor, y: torch.Tensor, compiled: bool):
+    """Mean CE of heads a..b-1, as a (b-a,) tensor."""
+    h, unembedding = model.heads.group(a, b, z, model.rope(z.shape[1]))
+    targets = y[..., a:b].reshape(-1)
+    nll = _nll_fn(compiled)(h, model.norm.weight, model.norm.eps, unembedding, model.cfg.vocab_size, targets)
+    counts = (targets != IGNORE).view(-1, b - a).sum(0).clamp(min=1)
+    return nll.view(-1, b - a).sum(0) / counts
 
 
 def loss_and_backward(
@@ -44,32 +81,36 @@ def loss_and_backward(
     mode: str = "memory_efficient",
     scale: float = 1.0,
     autocast: contextlib.AbstractContextManager | None = None,
+    compiled: bool = False,
 ) -> StepLoss:
     """Computes the weighted multi-token loss of one micro-batch and accumulates
     `scale ×` its gradient into the parameters' .grad (scale = 1/accumulation steps)."""
     ctx = autocast or contextlib.nullcontext()
     n = len(weights)
+
+    def weighted(losses: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return (torch.tensor(weights[a:b], device=losses.device, dtype=losses.dtype) * losses).sum()
+
     if mode == "naive":
         with ctx:
-            z = model.trunk(x)
-            losses = [_head_ce(model, i, z, y) for i in range(n)]
-            total = sum(w * l for w, l in zip(weights, losses))
+            losses = _group_loss(model, 0, n, model.trunk(x), y, compiled)
+            total = weighted(losses, 0, n)
         (total * scale).backward()
-        return StepLoss(float(total.detach()), [float(l.detach()) for l in losses])
+        return StepLoss(float(total.detach()), losses.detach().tolist())
     if mode != "memory_efficient":
         raise ValueError(f"unknown loss mode {mode!r}")
     with ctx:
         z = model.trunk(x)
     z_detached = z.detach().requires_grad_(True)
     per_head = []
-    for i in range(n):
+    for a, b in head_groups(n, model.cfg.vocab_size):
         with ctx:
-            loss_i = _head_ce(model, i, z_detached, y)
-        # Backward now: head i's logits and their gradient are freed before head i+1.
-        (loss_i * (weights[i] * scale)).backward()
-        per_head.append(float(loss_i.detach()))
+            losses = _group_loss(model, a, b, z_detached, y, compiled)
+        # Backward now: this group's logits and their gradient are freed before the next.
+        (weighted(losses, a, b) * scale).backward()
+        per_head += losses.detach().tolist()
     z.backward(z_detached.grad)
-    return StepLoss(sum(w * l for w, l in zip(weights, per_head)), per_head)
+    return StepLoss(sum(wi * l for wi, l in zip(weights, per_head)), per_head)
 
 
 @dataclass

@@ -175,7 +175,15 @@ class Heads(nn.Module):
         raise NotImplementedError
 
     def unembed(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.output(h)
+
+    def group(self, a: int, b: int, z: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads a..b-1 at once, for the loss: (hidden states, unembedding) such that
+        F.linear(norm(hidden), unembedding) viewed as (B·T·(b-a), V) are the logits, rows
+        ordered (batch, position, head). Default: a shared unembedding, hidden states
+        stacked along a head axis."""
+        h = torch.stack([self.hidden(i, z, rope) for i in range(a, b)], dim=2)
+        return h, self.output.weight
 
     def flops_per_token(self, i: int, cfg: ModelConfig, seq_len: int) -> int:
         raise NotImplementedError
@@ -193,9 +201,6 @@ class TransformerHeads(Heads):
     def hidden(self, i, z, rope, cache=None):
         return self.blocks[i](z, rope, cache)
 
-    def unembed(self, i, h):
-        return self.output(h)
-
     def flops_per_token(self, i, cfg, seq_len):
         return self.blocks[i].flops_per_token(cfg, seq_len) + 2 * self.output.weight.numel()
 
@@ -209,9 +214,6 @@ class LinearHeads(Heads):
 
     def hidden(self, i, z, rope, cache=None):
         return self.maps[i](z)
-
-    def unembed(self, i, h):
-        return self.output(h)
 
     def flops_per_token(self, i, cfg, seq_len):
         return 2 * self.maps[i].weight.numel() + 2 * self.output.weight.numel()
@@ -230,6 +232,11 @@ class UnembedHeads(Heads):
 
     def unembed(self, i, h):
         return F.linear(h, self.output.weight[i * self.vocab : (i + 1) * self.vocab])
+
+    def group(self, a, b, z, rope):
+        # Every head reads z itself: one matmul against rows [a·V, b·V) of the (n·V × d)
+        # output gives all b-a heads' logits, laid out (batch, position, head, V).
+        return z, self.output.weight[a * self.vocab : b * self.vocab]
 
     def flops_per_token(self, i, cfg, seq_len):
         return 2 * self.vocab * cfg.d_model

@@ -7,7 +7,7 @@ import torch
 
 from bytelm.config import ModelConfig, RunConfig, validate
 from bytelm.errors import UserError
-from bytelm.loss import IGNORE, loss_and_backward
+from bytelm.loss import IGNORE, head_groups, loss_and_backward
 from bytelm.model import MTPTransformer
 
 
@@ -99,8 +99,11 @@ def test_kv_cache_rows_advance_independently():
 
 
 @pytest.mark.parametrize("head_type,n", [("transformer", 1), ("transformer", 4), ("linear", 3), ("unembed", 8), ("unembed", 32), ("linear", 32)])
-def test_memory_efficient_loss_equals_naive(head_type, n):
-    """Same loss and same gradients, float64 on CPU, random model and data."""
+@pytest.mark.parametrize("heads_per_group", [1, 3])
+def test_memory_efficient_loss_equals_naive(head_type, n, heads_per_group, monkeypatch):
+    """Same loss and same gradients, float64 on CPU, random model and data; heads
+    backpropagated one at a time and in groups of three (as small-vocabulary heads are)."""
+    monkeypatch.setattr("bytelm.loss.LOGITS_PER_GROUP", 50 * heads_per_group)
     torch.manual_seed(3)
     cfg = tiny(head_type, n=n, n_layers=n + 1 if head_type == "transformer" else 2, context=48)
     m1 = MTPTransformer(cfg).double()
@@ -114,6 +117,12 @@ def test_memory_efficient_loss_equals_naive(head_type, n):
     assert a.per_head == pytest.approx(b.per_head, rel=1e-12)
     for (name, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.allclose(p1.grad, p2.grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_head_groups_cover_every_head_once():
+    assert head_groups(5, 32768) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert head_groups(32, 258) == [(0, 32)]
+    assert head_groups(4, 10000) == [(0, 3), (3, 4)]
 
 
 def test_masked_targets_do_not_contribute():
