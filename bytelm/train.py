@@ -156,6 +156,10 @@ def optimizer_step(model, optimizer, x_all, y_all, weights, micro, loss_mode, gr
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
     total = sum(l.total for l in losses) / accum
     per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(weights))]
+    if world > 1:  # the logged loss is that of the global batch, not of this rank's share
+        both = torch.tensor([total, *per_head], dtype=torch.float64, device=device)
+        dist.all_reduce(both)
+        total, *per_head = (both / world).tolist()
     if math.isfinite(total) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -130,3 +130,23 @@ def test_resume_continues_the_same_mlflow_run(smoke_data, tmp_path, monkeypatch)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(first, "loss")] == list(range(1, 9))
     assert run.data.params["model.n_future"] == "1"
+
+
+def test_two_processes_match_one_with_the_same_global_batch(smoke_data, tmp_path):
+    """torchrun with 2 processes (gloo, CPU): each takes half of every global batch and
+    gradients are averaged; one process does the same with 2 accumulation steps. The
+    data order and the losses match (up to float32 summation order)."""
+    common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=6", "train.log_every=1",
+              "train.eval_every=1000", "train.batch_size=8", "train.micro_batch_size=4", "model.n_future=2"]
+    train(load_config(SMOKE, common), tmp_path / "one")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "bytelm", "train",
+           "--config", str(SMOKE), "--run-dir", str(tmp_path / "two")]
+    for o in common:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
