@@ -89,9 +89,15 @@ class BPETokenizer:
             raise UserError(f"{path} is not a HuggingFace tokenizer.json: {e}") from None
         pre = (spec.get("pre_tokenizer") or {}).get("type")
         dec = (spec.get("decoder") or {}).get("type")
-        if "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")) or dec != "ByteLevel":
-            raise UserError(f"{path} is not a byte-level BPE tokenizer (pre_tokenizer {pre!r}, decoder {dec!r})")
+        model = (spec.get("model") or {}).get("type")
+        if "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")) or dec != "ByteLevel" or model != "BPE":
+            raise UserError(
+                f"{path} is not a byte-level BPE tokenizer (model {model!r}, pre_tokenizer {pre!r}, decoder {dec!r})"
+            )
         self.path = path
+        # Text that spells a special token ("<|eos|>" inside a document) is encoded as
+        # ordinary text: special ids come only from the shard writer and generation.
+        self._tok.encode_special_tokens = True
         self.eos_id = self._special(EOS_TEXT)
         self.pad_id = self._special(PAD_TEXT)
         self.vocab_size = self._tok.get_vocab_size()
@@ -103,9 +109,25 @@ class BPETokenizer:
         return i
 
     def encode(self, data: bytes | str) -> list[int]:
-        if isinstance(data, bytes):
-            data = data.decode("utf-8")
-        return self._tok.encode(data, add_special_tokens=False).ids
+        if isinstance(data, str):
+            return self._tok.encode(data, add_special_tokens=False).ids
+        # Bytes that are not valid UTF-8: encode each valid stretch as text and each
+        # invalid byte as its single-byte token, so that decode_bytes gives back the input.
+        ids: list[int] = []
+        while data:
+            try:
+                text, bad, data = data.decode("utf-8"), b"", b""
+            except UnicodeDecodeError as e:
+                text, bad, data = data[: e.start].decode("utf-8"), data[e.start : e.end], data[e.end :]
+            if text:
+                ids += self._tok.encode(text, add_special_tokens=False).ids
+            ids += [self._byte_ids[b] for b in bad]
+        return ids
+
+    @cached_property
+    def _byte_ids(self) -> list[int]:
+        """Id of the single-byte token of each byte value (all are in the base alphabet)."""
+        return [self._tok.token_to_id(ch) for _, ch in sorted(_bytes_to_unicode().items())]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

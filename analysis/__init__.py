@@ -1,0 +1,1 @@
+"""Tables, plots and the report of a study, read from its MLflow experiment."""

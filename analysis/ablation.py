@@ -1,0 +1,138 @@
+"""Report section of the n × vocabulary study: Table 1 and Table S3 beside the paper's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from analysis import plots
+from analysis.paper_numbers import KS, TABLE1_CAPTION, TABLE_S3, TABLE_S3_CAPTION, TASK_TITLES, TASKS, table1_rows
+from analysis.runs import metric_history, pass_metrics, spec_metrics
+from analysis.sections import ReportContext, Section
+from analysis.tables import VOCAB_ORDER, VOCAB_TITLES, csv_frame, human, latex_table, render, summary
+from bytelm.fileio import write_text
+
+# the paper's rows each of our vocabularies is set beside (Table 1's 200B-token block is
+# the one with n = 1, 2, 4, 6, 8)
+PAPER_DATA = {"bytes": "313B bytes (0.5 ep)", "bpe": "200B tok (0.8 ep)"}
+
+
+def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str) -> str:
+    pm = pass_metrics(runs)
+    temps = sorted({t for t in pm["temp"] if t != "best"})
+    n_samples = sorted({int(v) for c in runs.columns if c.endswith("n_samples") for v in runs[c].dropna()})
+    parts = []
+    if not pm.empty:
+        samples = ", ".join(map(str, n_samples)) if n_samples else "an unrecorded number of"
+        parts.append(
+            f"pass@k (%) from {samples} samples per problem (unbiased estimator), at the oracle temperature: "
+            f"for each model, task and k the best of T ∈ {{{', '.join(f'{t:g}' for t in temps)}}} (the paper's Table 1 rule)."
+        )
+    else:
+        parts.append("No pass@k evaluations were logged.")
+    seeds = int(df["seeds"].max()) if len(df) else 1
+    if seeds > 1:
+        parts.append(f"Several seeds (up to {seeds}): mean ± sample standard deviation.")
+    parts.append("val bpb: validation bits per byte of the next-token head at the end of training. "
+                 "train bytes / FLOPs: text bytes seen and training FLOPs (all heads, attention included).")
+    if speed_desc:
+        parts.append(f"speedup: self-speculative greedy decoding against plain decoding ({speed_desc}), "
+                     "best over the heads used k.")
+    parts.append("Best value per column in bold.")
+    return " ".join(parts)
+
+
+def paper_side_by_side(df: pd.DataFrame) -> str:
+    """Our pass@1/10/100 per task next to the paper's Table 1 row of the same vocabulary and n."""
+    rows = []
+    for _, r in df.iterrows():
+        paper = table1_rows(r["vocab"]).get((PAPER_DATA.get(r["vocab"], ""), int(r["n"])) if pd.notna(r["n"]) else None)
+        if paper is None:
+            continue
+        cells = [VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"])]
+        for task in TASKS:
+            ours = [r.get(f"pass_at_{k}/{task}/best", np.nan) for k in KS]
+            cells.append(" / ".join("–" if pd.isna(v) else f"{100 * v:.1f}" for v in ours))
+            cells.append(" / ".join(f"{v:.1f}" for v in paper[task]))
+        rows.append(cells)
+    if not rows:
+        return ""
+    headers = ["vocab", "n"]
+    for task in TASKS:
+        headers += [f"{TASK_TITLES[task]} ours", f"{TASK_TITLES[task]} paper"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
+    """Speedup / bytes per forward by heads used, ours beside the paper's Table S3 (whose
+    models are the 7B byte models with n = 8, 16, 32)."""
+    spec = spec_metrics(runs)
+    if spec.empty:
+        return "", ""
+    prompts = "code" if "code" in set(spec["prompts"]) else sorted(spec["prompts"])[0]
+    spec = spec[spec["prompts"] == prompts]
+    batch = int(spec["batch"].min())
+    spec = spec[spec["batch"] == batch].merge(runs[["run_id", "name", "vocab", "n"]], on="run_id")
+    wide = spec.pivot_table(index=["vocab", "n", "heads"], columns="what", values="value", aggfunc="mean").reset_index()
+    wide = wide.sort_values(["vocab", "n", "heads"], key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
+    rows = []
+    for _, r in wide.iterrows():
+        paper = TABLE_S3.get(int(r["n"]), {}).get(int(r["heads"])) if r["vocab"] == "bytes" else None
+        tpf = r.get("tokens_per_forward", np.nan)
+        rows.append([VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"]), int(r["heads"]),
+                     f"{r.get('speedup', np.nan):.2f}", f"{tpf:.2f}", f"{r.get('bytes_per_forward', np.nan):.2f}",
+                     f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "–"])
+    table = tabulate(rows, headers=["vocab", "n", "heads used", "speedup", "tokens per forward", "bytes per forward",
+                                    "paper speedup / bytes per forward"], tablefmt="github")
+    return table, f"{prompts} prompts, batch {batch}"
+
+
+def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
+    out = ctx.out
+    files = []
+    df, labels, columns, speed_desc = summary(runs)
+    cap = caption(runs, df, speed_desc)
+    md_table = render(df, labels, columns, "md")
+    write_text(out / "table1.md", f"{md_table}\n\n{cap}\n")
+    write_text(out / "table1.tex", latex_table(render(df, labels, columns, "tex"), cap))
+    write_text(out / "table1.csv", csv_frame(df, labels, columns).to_csv(index=False))
+    files += [out / "table1.md", out / "table1.tex", out / "table1.csv"]
+
+    figures = []
+    history = metric_history(ctx.uri, list(runs["run_id"]), ["val/bpb", "train/bytes_seen", "train/flops"])
+    for fname, title, draw in (
+        ("passk_vs_k.png", "pass@k against k", lambda p: plots.passk_vs_k(runs, p)),
+        ("vs_n.png", "pass@1 and bits per byte against n", lambda p: plots.metrics_vs_n(runs, p)),
+        ("speedup_vs_heads.png", "speculative decoding against heads used", lambda p: plots.speedup_vs_heads(runs, p)),
+        ("bpb_vs_bytes.png", "validation bits per byte against training bytes",
+         lambda p: plots.bpb_curves(runs, history, p, "train/bytes_seen", "training bytes of text")),
+        ("bpb_vs_flops.png", "validation bits per byte against training FLOPs",
+         lambda p: plots.bpb_curves(runs, history, p, "train/flops", "training FLOPs")),
+    ):
+        if draw(out / fname):
+            figures.append((title, fname))
+            files.append(out / fname)
+
+    params = pd.to_numeric(runs.get("model/params", pd.Series(dtype=float)), errors="coerce").dropna()
+    if not len(params):
+        size = "Models of unlogged size"
+    elif params.min() == params.max():
+        size = f"Models of {human(params.min())} parameters"
+    else:
+        size = f"Models of {human(params.min())}–{human(params.max())} parameters"
+    md = [f"{size} (the paper's: 7B, trained on 200–313B tokens or bytes). Table in the layout of the paper's Table 1 "
+          f"(`table1.md`, `table1.tex`, `table1.csv`):\n", md_table, f"\n*{cap}*\n"]
+    side = paper_side_by_side(df) if not pass_metrics(runs).empty else ""
+    if side:
+        md += ["\n### Beside the paper's Table 1\n",
+               "pass@1 / @10 / @100 (%), ours (mean over seeds) and the paper's row of the same vocabulary and n "
+               f"(bytes: {PAPER_DATA['bytes']}; BPE: the paper's 32k-token models, {PAPER_DATA['bpe']}).\n", side,
+               f"\n*{TABLE1_CAPTION}*\n"]
+    s3, s3_desc = s3_side_by_side(runs)
+    if s3:
+        md += [f"\n### Self-speculative decoding beside the paper's Table S3\n\nOurs: {s3_desc}.\n", s3,
+               f"\n*{TABLE_S3_CAPTION}*\n"]
+    for title, fname in figures:
+        md.append(f"\n### Figure: {title}\n\n![{title}]({fname})\n")
+    return Section("n-ablation: vocabulary × number of future heads", "\n".join(md), files)

@@ -1,0 +1,142 @@
+"""The study's figures (PNG), from the runs frame and metric histories.
+
+Every function takes the runs of one study and a path, draws one figure, and returns
+whether it had anything to draw (a figure with no data is not written). Seeds of one
+configuration are averaged; a configuration's label is its run name without the seed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server or in tests
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.paper_numbers import TABLE_S3, TASK_TITLES, TASKS  # noqa: E402
+from analysis.runs import pass_metrics, spec_metrics  # noqa: E402
+
+VOCAB_TITLES = {"bytes": "bytes", "bpe": "BPE"}
+
+
+def config_label(name: str) -> str:
+    return re.sub(r"-s\d+$", "", str(name))
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def passk_vs_k(runs: pd.DataFrame, path: Path) -> bool:
+    """pass@k (oracle temperature) against k, one line per configuration, a panel per task."""
+    pm = pass_metrics(runs)
+    pm = pm[pm["temp"] == "best"].merge(runs[["run_id", "name"]], on="run_id")
+    if pm.empty:
+        return False
+    pm["config"] = pm["name"].map(config_label)
+    tasks = [t for t in TASKS if t in set(pm["task"])] + sorted(set(pm["task"]) - set(TASKS))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        sel = pm[pm["task"] == task].groupby(["config", "k"])["value"].mean().reset_index()
+        for config, g in sel.groupby("config"):
+            ax.plot(g["k"], 100 * g["value"], marker="o", label=config)
+        ax.set_xscale("log")
+        ks = sorted(sel["k"].unique())
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k (%)")
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
+    """pass@1 per task and validation bits per byte against n, one line per vocabulary
+    (mean over seeds; bars: standard deviation when there are several)."""
+    keys = [(f"pass_at_1/{t}/best", f"{TASK_TITLES[t]} pass@1 (%)", 100) for t in TASKS if f"pass_at_1/{t}/best" in runs]
+    if "val/bpb" in runs:
+        keys.append(("val/bpb", "validation bits per byte", 1))
+    keys = [k for k in keys if runs[k[0]].notna().any()]
+    if not keys or runs["n"].isna().all():
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, (key, title, scale) in zip(axes[0], keys):
+        for vocab, g in runs.groupby("vocab"):
+            stats = g.groupby("n")[key].agg(["mean", "std"]).dropna(subset=["mean"])
+            if stats.empty:
+                continue
+            ax.errorbar(stats.index.astype(int), scale * stats["mean"], yerr=scale * stats["std"].fillna(0),
+                        marker="o", capsize=3, label=VOCAB_TITLES.get(vocab, vocab))
+        ax.set_xlabel("n (future tokens predicted)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    _save(fig, path)
+    return True
+
+
+def speedup_vs_heads(runs: pd.DataFrame, path: Path) -> bool:
+    """Speculative-decoding speedup and bytes per forward against the heads used (the
+    paper's Table S3 as a figure; its 7B byte models drawn dashed for reference)."""
+    spec = spec_metrics(runs)
+    if spec.empty:
+        return False
+    prompts = "code" if "code" in set(spec["prompts"]) else sorted(spec["prompts"])[0]
+    spec = spec[spec["prompts"] == prompts]
+    batch = int(spec["batch"].min())
+    spec = spec[spec["batch"] == batch].merge(runs[["run_id", "name", "vocab"]], on="run_id")
+    spec["config"] = spec["name"].map(config_label)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, what, title, paper_idx in ((axes[0], "speedup", "speedup over plain decoding", 0),
+                                       (axes[1], "bytes_per_forward", "bytes per forward", 1)):
+        sel = spec[spec["what"] == what].groupby(["config", "heads"])["value"].mean().reset_index()
+        for config, g in sel.groupby("config"):
+            ax.plot(g["heads"], g["value"], marker="o", label=config)
+        for n, row in TABLE_S3.items():
+            heads = sorted(row)
+            ax.plot(heads, [row[h][paper_idx] for h in heads], ls="--", lw=0.8, color="gray", alpha=0.6)
+        ax.plot([], [], ls="--", color="gray", label="paper 7B bytes n=8/16/32")
+        ax.set_xlabel("heads used")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"self-speculative decoding, {prompts} prompts, batch {batch}", fontsize=9)
+    _save(fig, path)
+    return True
+
+
+def bpb_curves(runs: pd.DataFrame, history: pd.DataFrame, path: Path, x_key: str, x_label: str) -> bool:
+    """Validation bits per byte against a training quantity (bytes seen, FLOPs) logged
+    at the trainer's log steps; val steps take the value interpolated at their step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    names = dict(zip(runs["run_id"], runs["name"]))
+    for run_id, h in history.groupby("run_id"):
+        val = h[h["key"] == "val/bpb"]
+        x = h[h["key"] == x_key]
+        if val.empty or x.empty:
+            continue
+        xs = np.interp(val["step"], np.r_[0, x["step"]], np.r_[0, x["value"]])
+        ax.plot(xs, val["value"], marker=".", label=names.get(run_id, run_id))
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    lo, hi = ax.get_xlim()
+    if lo > 0 and hi / lo > 10:  # curves over orders of magnitude of training
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True

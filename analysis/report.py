@@ -1,0 +1,97 @@
+"""`bytelm report --experiment NAME --out DIR`: a study's tables, plots and report.md,
+read from its MLflow experiment.
+
+Writes DIR/runs.csv (one row per run: name, status, grid values, metrics), one section per
+study found among the runs (analysis/sections.py picks it by the runs' `study` tag; the
+n-ablation study writes table1.{md,tex,csv} and the PNG plots), and DIR/report.md that puts
+them together. Plots and tables are also logged as artifacts to the sweep's parent run
+(the latest one, or --parent-run-id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.runs import load_runs
+from analysis.sections import ReportContext, section_for
+from bytelm.errors import UserError
+from bytelm.fileio import write_text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the study (a sweep spec's experiment:)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--include-failed", action="store_true", help="also tabulate runs that did not finish")
+    p.add_argument("--parent-run-id", help="log the report to this sweep run (default: the experiment's latest sweep)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report as artifacts to MLflow")
+
+
+def runs_csv(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv: identity, grid values, then every metric; config params at the end."""
+    first = ["name", "run_id", "status", "study", "vocab", "n", "head_type", "seed"]
+    grid = sorted(c for c in runs.columns if c.startswith("grid."))
+    params = sorted(c for c in runs.columns if c.startswith("params."))
+    skip = {"start_time", "is_parent", "parent_run_id", *first, *grid, *params}
+    metrics = sorted(c for c in runs.columns if c not in skip and runs[c].notna().any())
+    return runs[[c for c in first if c in runs] + grid + metrics + params + ["parent_run_id"]]
+
+
+def build_report(experiment: str, uri: str, out: Path, include_failed: bool = False) -> tuple[Path, list[Path], pd.DataFrame]:
+    """Write the report; return report.md, the files to log, and the parent runs."""
+    exp = load_runs(experiment, uri)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "runs.csv", runs_csv(exp.runs).to_csv(index=False))
+    files = [out / "runs.csv"]
+    done = exp.runs if include_failed else exp.runs[exp.runs["status"] == "FINISHED"]
+    left_out = exp.runs[~exp.runs["run_id"].isin(done["run_id"])]
+    ctx = ReportContext(experiment, uri, out)
+
+    md = [f"# Report: MLflow experiment `{experiment}`\n",
+          f"Generated {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `bytelm report --experiment {experiment} "
+          f"--out {out}` from the store `{uri}`; {len(done)} run(s) tabulated, one row per run in `runs.csv`.\n"]
+    if len(left_out):
+        md.append("Runs left out (not FINISHED):\n")
+        md += [f"- `{r['name']}`: {r['status']}" + (f" — {r['error']}" if isinstance(r["error"], str) else "")
+               for _, r in left_out.iterrows()]
+        md.append("")
+    if done.empty:
+        md.append("No finished runs to tabulate yet.\n")
+    for study, runs in done.groupby("study", sort=True):
+        section = section_for(study)(ctx, runs.reset_index(drop=True))
+        md += [f"\n## {section.title}\n", section.markdown]
+        files += section.files
+    report = out / "report.md"
+    write_text(report, "\n".join(md) + "\n")
+    return report, [report, *files], exp.parents
+
+
+def log_to_parent(uri: str, parents: pd.DataFrame, files: list[Path], parent_run_id: str | None) -> str | None:
+    from mlflow import MlflowClient
+
+    if parent_run_id is None:
+        if parents.empty:
+            return None
+        parent_run_id = parents.sort_values("start_time")["run_id"].iloc[-1]
+    client = MlflowClient(uri)
+    for f in files:
+        client.log_artifact(parent_run_id, str(f), "report")
+    return parent_run_id
+
+
+def main(args: argparse.Namespace) -> int:
+    from bytelm.tracking import mlflow_uri
+
+    uri = mlflow_uri()
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    report, files, parents = build_report(args.experiment, uri, args.out, args.include_failed)
+    print(f"wrote {report} and {len(files) - 1} table/plot files in {args.out}")
+    if not args.no_log:
+        run_id = log_to_parent(uri, parents, files, args.parent_run_id)
+        if run_id:
+            print(f"logged them to MLflow run {run_id} (artifacts/report)")
+    return 0

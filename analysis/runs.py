@@ -1,0 +1,123 @@
+"""An MLflow experiment's runs as pandas: one row per run, and metric histories.
+
+`load_runs` is MLflow's `search_runs` with tidy columns: `run_id`, `name`, `status`,
+`parent_run_id`, `study`, the configuration (`vocab`, `n`, `head_type`, `seed` from the
+sweep's `grid.*` tags, else from the run's config params), every `grid.<axis>`, every
+metric under its own name, and `params.<key>` for the config. Analysis reads only this.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bytelm.errors import UserError
+
+# config param behind each axis, for runs that were not made by a sweep
+AXIS_PARAMS = {"vocab": "data.tokenizer", "n": "model.n_future", "head_type": "model.head_type", "seed": "train.seed"}
+SPEC_KEY = re.compile(r"^spec/(?P<prompts>[^/]+)/b(?P<batch>\d+)/k(?P<heads>\d+)/(?P<what>[a-z_]+)$")
+PASS_KEY = re.compile(r"^pass_at_(?P<k>\d+)/(?P<task>[^/]+)/(?P<temp>best|t[0-9.]+)$")
+
+
+@dataclass
+class Experiment:
+    name: str
+    experiment_id: str
+    runs: pd.DataFrame  # configurations (child runs and plain runs), one row each
+    parents: pd.DataFrame  # sweep parent runs
+
+
+def load_runs(experiment: str, uri: str) -> Experiment:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"no MLflow experiment {experiment!r} in {uri} (set MLFLOW_TRACKING_URI, or run the study first)")
+    raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
+    if raw.empty:
+        raise UserError(f"MLflow experiment {experiment!r} in {uri} has no runs")
+    df = pd.DataFrame({
+        "run_id": raw["run_id"],
+        "name": raw.get("tags.mlflow.runName", raw["run_id"]),
+        "status": raw["status"],
+        "start_time": raw["start_time"],
+        "parent_run_id": raw.get("tags.mlflow.parentRunId"),
+        "study": raw.get("tags.study"),
+        "error": raw.get("tags.error"),
+        "is_parent": raw.get("tags.sweep_parent") == "true" if "tags.sweep_parent" in raw else False,
+    })
+    df["study"] = df["study"].fillna("ablation")
+    for axis, param in AXIS_PARAMS.items():
+        grid = raw.get(f"tags.grid.{axis}")
+        param_col = raw.get(f"params.{param}")
+        values = grid if grid is not None else param_col
+        if grid is not None and param_col is not None:
+            values = grid.fillna(param_col)
+        df[axis] = values if values is not None else None
+    # the data set a run trained on: its prepared folder's name (e.g. smoke, python-env)
+    root = raw.get("params.data.root")
+    df["data"] = root.map(lambda r: Path(r).name if isinstance(r, str) else None) if root is not None else None
+    df["n"] = pd.to_numeric(df["n"], errors="coerce").astype("Int64")
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    extra = {c[len("tags."):]: raw[c] for c in raw.columns
+             if c.startswith("tags.grid.") and c[len("tags.grid."):] not in AXIS_PARAMS}
+    metrics = {c[len("metrics."):]: raw[c] for c in raw.columns if c.startswith("metrics.")}
+    params = {c: raw[c] for c in raw.columns if c.startswith("params.")}
+    df = pd.concat([df, pd.DataFrame(extra), pd.DataFrame(metrics), pd.DataFrame(params)], axis=1)
+    parents = df[df["is_parent"]].reset_index(drop=True)
+    runs = df[~df["is_parent"]].sort_values(["vocab", "n", "name"], na_position="last").reset_index(drop=True)
+    return Experiment(experiment, exp.experiment_id, runs, parents)
+
+
+def grid_axes(runs: pd.DataFrame) -> list[str]:
+    """The grid axes beyond vocab/n/seed whose values differ between runs (e.g. head_type,
+    size): they become extra label columns of a table."""
+    cands = ["head_type"] + [c for c in runs.columns if c.startswith("grid.")]
+    return [c for c in cands if c in runs and runs[c].nunique(dropna=True) > 1]
+
+
+def metric_history(uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+    """Long table run_id, key, step, value of the given metrics' full histories."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    rows = []
+    for run_id in run_ids:
+        for key in keys:
+            for m in client.get_metric_history(run_id, key):
+                rows.append({"run_id": run_id, "key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp})
+    df = pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
+    # a resumed run logs the steps after its checkpoint twice: keep the later value
+    return df.sort_values("timestamp").drop_duplicates(["run_id", "key", "step"], keep="last").sort_values(["run_id", "key", "step"])
+
+
+def spec_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """Decode-bench metrics in long form: run_id, prompts, batch, heads, what, value."""
+    rows = []
+    for col in runs.columns:
+        m = SPEC_KEY.match(col)
+        if not m:
+            continue
+        for run_id, v in zip(runs["run_id"], runs[col]):
+            if pd.notna(v):
+                rows.append({"run_id": run_id, "prompts": m["prompts"], "batch": int(m["batch"]),
+                             "heads": int(m["heads"]), "what": m["what"], "value": float(v)})
+    return pd.DataFrame(rows, columns=["run_id", "prompts", "batch", "heads", "what", "value"])
+
+
+def pass_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """pass@k metrics in long form: run_id, task, k, temp ('best' or the temperature), value."""
+    rows = []
+    for col in runs.columns:
+        m = PASS_KEY.match(col)
+        if not m:
+            continue
+        temp = m["temp"] if m["temp"] == "best" else float(m["temp"][1:])
+        for run_id, v in zip(runs["run_id"], runs[col]):
+            if pd.notna(v):
+                rows.append({"run_id": run_id, "task": m["task"], "k": int(m["k"]), "temp": temp, "value": float(v)})
+    return pd.DataFrame(rows, columns=["run_id", "task", "k", "temp", "value"])

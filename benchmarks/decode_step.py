@@ -1,0 +1,141 @@
+"""What one decoding step costs: a plain decode step (1 position) against a speculative
+verify step (k positions), with the engine's own step (bytelm.generate.Decoder).
+
+    python benchmarks/decode_step.py --json out.json [--preset bytes-100m|tokens-135m|cpu]
+        [--batch-sizes 1,16] [--heads 1,2,4,8] [--cache 1024] [--dtype bfloat16]
+        [--modes eager,graphs,compile] [--profile]
+
+A randomly initialised model of the preset's shape (a step's cost does not depend on the
+weights); every slot's cache is filled to half its length by a prefill, then the step is
+timed with CUDA events over chunks of 16 steps (positions reset between chunks): `gpu_ms`
+is the step alone, `with_readback_ms` adds reading its (b, k+1) outputs back to the host,
+as `Decoder.run` does after every step. `ratio` is the verify step's cost over the plain
+decode step's (same mode and batch): a speculative decoder with t tokens per forward
+reaches at most t / ratio times plain decoding's speed, i.e. its efficiency is at most
+1 / ratio. Modes: eager, graphs (one CUDA graph per step), compile (torch.compile, then a
+CUDA graph). --attention pins the step's attention kernel (bytelm.generate.ATTENTION_BACKENDS).
+--profile prints the top kernels of one eager step per (k, batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+
+import torch
+from tabulate import tabulate
+
+from bytelm.config import ModelConfig
+from bytelm.generate import Decoder
+from bytelm.model import MTPTransformer
+
+PRESETS = {
+    "bytes-100m": dict(n_layers=14, d_model=768, n_heads=12, vocab_size=258, head_type="unembed", n_future=8),
+    "tokens-135m": dict(n_layers=12, d_model=768, n_heads=12, vocab_size=32768, head_type="transformer", n_future=8),
+    "cpu": dict(n_layers=4, d_model=128, n_heads=4, vocab_size=258, head_type="unembed", n_future=8),
+}
+CHUNK = 16
+
+
+def build(preset: str, cache: int, dtype: torch.dtype, device: str) -> MTPTransformer:
+    cfg = ModelConfig(context=cache, **PRESETS[preset])
+    model = MTPTransformer(cfg).eval()
+    cos, sin = model.rope_cos, model.rope_sin
+    model = model.to(device=device, dtype=dtype)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # rotary tables stay float32
+    return model
+
+
+def time_steps(dec: Decoder, b: int, start: int, chunks: int, readback: bool) -> float:
+    """Mean ms per step over `chunks` chunks of CHUNK steps."""
+    cuda = dec.device.type == "cuda"
+    total = 0.0
+    for _ in range(chunks):
+        dec.pos[:b] = start
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(CHUNK):
+            dec.step(b)
+            if readback:
+                dec.out[:b].tolist()
+        if cuda:
+            torch.cuda.synchronize()
+        total += time.perf_counter() - t
+    return 1e3 * total / (chunks * CHUNK)
+
+
+def profile_step(dec: Decoder, b: int, top: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dec.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        dec.step(b)
+        if dec.device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if dec.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bytes-100m", choices=sorted(PRESETS))
+    ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--heads", default="1,2,4,8")
+    ap.add_argument("--cache", type=int, default=1024, help="cache positions (the model's context)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default="eager,graphs,compile")
+    ap.add_argument("--attention", default="auto", help="SDPA backends of the step, comma-separated (auto, efficient, math, cudnn)")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model = build(args.preset, args.cache, getattr(torch, args.dtype), args.device)
+    batches = [int(x) for x in args.batch_sizes.split(",")]
+    heads = [int(x) for x in args.heads.split(",")]
+    modes = args.modes.split(",")
+    start = args.cache // 2
+    rows, profiles = [], {}
+    with torch.inference_mode():
+        for mode, attention in [(m, a) for m in modes for a in args.attention.split(",")]:
+            for b in batches:
+                base = None
+                for k in heads:
+                    dec = Decoder(model, heads=k, batch_size=b, max_len=args.cache,
+                                  cuda_graphs=mode != "eager", compile=mode == "compile", attention=attention)
+                    prompt = torch.randint(0, model.cfg.vocab_size, (start,)).tolist()
+                    dec.prefill(list(range(b)), [prompt] * b)
+                    for _ in range(3):
+                        dec.step(b)  # warm-up
+                    gpu = time_steps(dec, b, start, args.chunks, readback=False)
+                    full = time_steps(dec, b, start, args.chunks, readback=True)
+                    base = base or gpu
+                    rows.append({"mode": mode, "attention": attention, "batch_size": b, "heads": k, "gpu_ms": gpu, "with_readback_ms": full,
+                                 "ratio": gpu / base})
+                    print(f"{mode:8s} {attention:9s} b={b:3d} k={k:2d}  {gpu:.3f} ms  (+readback {full:.3f} ms)  ratio {gpu / base:.2f}", flush=True)
+                    if args.profile and mode == "eager":
+                        profiles[f"{attention}_b{b}_k{k}"] = profile_step(dec, b)
+                    del dec
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+    print(tabulate([[r["mode"], r["attention"], r["batch_size"], r["heads"], f"{r['gpu_ms']:.3f}", f"{r['with_readback_ms']:.3f}",
+                     f"{r['ratio']:.2f}"] for r in rows],
+                   headers=["mode", "attention", "batch", "heads (positions)", "ms/step", "ms/step + readback", "ratio to 1 head"]))
+    for name, table in profiles.items():
+        print(f"\n== eager step {name}: top kernels ==\n{table}")
+    hw = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": {**vars(args), "model": PRESETS[args.preset], "params": model.param_counts(),
+                                 "hardware": hw, "torch": torch.__version__, "date": date.today().isoformat()},
+                       "rows": rows, "profiles": profiles}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

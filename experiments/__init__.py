@@ -1,0 +1,1 @@
+"""Experiment configs (configs/*.yaml), sweep specs (sweeps/*.yaml) and the sweep runner."""

@@ -1,0 +1,65 @@
+"""`bytelm eval --checkpoint`: a tiny untrained CPU checkpoint, sampled and executed end to
+end, with pass@k per temperature and at the oracle temperature logged to its MLflow run.
+Its context (1,024 bytes) holds the first HumanEval prompts but not MBPP's three-shot ones
+(about 1.8 kB), which must score 0 rather than vanish from the benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from bytelm.checkpoint import save_checkpoint
+from bytelm.cli import main as bytelm
+from bytelm.config import config_from_dict, to_dict
+from bytelm.model import MTPTransformer
+from bytelm.tokenizers import ByteTokenizer
+from bytelm.tracking import Tracker, mlflow_client
+
+
+@pytest.mark.slow
+def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = config_from_dict({
+        "model": {"n_layers": 3, "d_model": 32, "n_heads": 2, "context": 1024, "vocab_size": 258, "n_future": 2},
+        "eval": {"n_samples": 3, "temperatures": [0.5]},  # the run's own defaults; flags override them below
+    })
+    torch.manual_seed(0)
+    run_dir = tmp_path / "run"
+    with Tracker(run_dir, to_dict(cfg), experiment="eval-test", run_name="tiny", use_mlflow=True) as t:
+        t.set_status("finished")
+    save_checkpoint(run_dir, "step_0000001", MTPTransformer(cfg.model), cfg, ByteTokenizer(), {"step": 1})
+
+    with pytest.raises(SystemExit) as e:
+        bytelm(["eval", "--checkpoint", str(run_dir), "--task", "humaneval,mbpp", "--n-samples", "2",
+                "--temperatures", "0.2,0.8", "--max-problems", "2", "--batch-size", "4", "--heads", "2", "--device", "cpu",
+                "--max-new-tokens", "32"])
+    assert e.value.code == 0
+
+    out = run_dir / "eval" / "pass_at_k.json"
+    summary = json.loads(out.read_text())
+    assert summary["n_samples"] == 2 and summary["temperatures"] == [0.2, 0.8] and summary["heads"] == 2
+    assert summary["tasks"]["humaneval"]["prompts_too_long"] == 0 and summary["tasks"]["mbpp"]["prompts_too_long"] == 2
+    for task in ("humaneval", "mbpp"):
+        s = summary["tasks"][task]
+        assert set(s["by_temperature"]) == {"0.2", "0.8"} and s["n_problems"] == 2
+        for sc in s["by_temperature"].values():
+            assert sc["n_samples"] == 4 and set(sc["pass_at_k"]) == {"1"} and 0 <= sc["pass_at_k"]["1"] <= 1
+        assert s["best"]["1"]["temperature"] in (0.2, 0.8)
+    results = [json.loads(line) for line in (run_dir / "eval" / "pass_at_k.results.jsonl").read_text().splitlines()]
+    assert len(results) == 2 * 2 * 2 * 2  # tasks x temperatures x problems x samples
+    assert {r["status"] for r in results} <= {"passed", "failed", "timeout", "error"}
+    assert all(isinstance(r["completion"], str) and r["network_isolated"] for r in results)
+    # an untrained model writes bytes, not code: nothing passes, every program still ran
+    assert not any(r["passed"] for r in results)
+    assert all(r["completion"] == "" and r["reason"] == "prompt longer than the model's context (1024)"
+               for r in results if r["task"] == "mbpp")
+
+    info = json.loads((run_dir / "mlflow.json").read_text())
+    client = mlflow_client(info["tracking_uri"])
+    metrics = client.get_run(info["run_id"]).data.metrics
+    for task in ("humaneval", "mbpp"):
+        for name in ("t0.2", "t0.8", "best", "best_t"):
+            assert f"pass_at_1/{task}/{name}" in metrics
+        assert metrics[f"pass_at_1/{task}/best"] == max(metrics[f"pass_at_1/{task}/t0.2"], metrics[f"pass_at_1/{task}/t0.8"])
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
+    assert artifacts == {"eval/pass_at_k.json", "eval/pass_at_k.results.jsonl"}

@@ -1,0 +1,177 @@
+"""Batched generation: the KV-cache path equals no-cache decoding, self-speculative greedy
+decoding equals plain greedy decoding token for token, stops, limits and bad input."""
+
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bytelm.config import ModelConfig
+from bytelm.errors import UserError
+from bytelm.generate import Decoder, cut_at_stop, encode_prompt, generate, generate_ids
+from bytelm.model import MTPTransformer
+from bytelm.speculative import Sampling
+from bytelm.tokenizers import ByteTokenizer
+
+TOK = ByteTokenizer()
+N_FUTURE = 4
+
+
+def documents(n_docs: int, g: torch.Generator) -> torch.Tensor:
+    """Byte documents that are arithmetic progressions over 16 letters ("adgjmp..."),
+    4 to 20 bytes long, each followed by EOS: learnable a few tokens ahead, so the
+    heads' drafts are accepted often but not always."""
+    out = []
+    for _ in range(n_docs):
+        a, s, n = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((0, 16), (1, 4), (4, 21)))
+        out += [97 + (a + s * t) % 16 for t in range(n)] + [TOK.eos_id]
+    return torch.tensor(out)
+
+
+@lru_cache(maxsize=None)
+def trained_model(head_type: str) -> MTPTransformer:
+    """A tiny byte model with 4 heads, trained for a few seconds, in float64."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=N_FUTURE + 1 if head_type == "transformer" else 2, d_model=32, n_heads=4,
+                      n_kv_heads=2, context=96, vocab_size=TOK.vocab_size, n_future=N_FUTURE, head_type=head_type)
+    model = MTPTransformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = documents(600, g)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    T = 24
+    for _ in range(60):
+        starts = torch.randint(0, len(data) - T - N_FUTURE, (8,), generator=g).tolist()
+        w = torch.stack([data[i : i + T + N_FUTURE] for i in starts])
+        logits = model(w[:, :T])
+        loss = sum(F.cross_entropy(logits[:, :, i].flatten(0, 1), w[:, i + 1 : i + 1 + T].flatten()) for i in range(N_FUTURE))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.double().eval()
+
+
+def prompts_of_lengths(*lengths: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[TOK.eos_id] + torch.randint(97, 113, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], max_new: int, stop: bytes | None = None) -> list[int]:
+    """Greedy decoding the slow way: a full no-cache forward per token."""
+    ids: list[int] = []
+    while len(ids) < max_new and len(prompt) + len(ids) < model.cfg.context:
+        t = int(model(torch.tensor([prompt + ids]), n_heads=1)[0, -1, 0].argmax())
+        if t == TOK.eos_id:
+            break
+        ids.append(t)
+        if stop is not None and stop in TOK.decode_bytes(ids):
+            break
+    return ids
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "unembed"])
+def test_cached_batched_greedy_equals_no_cache_greedy(head_type):
+    """Prompts of different lengths, right-padded prefill, refills from the queue and
+    compaction (batch 3 for 7 prompts), a stop sequence and EOS."""
+    model = trained_model(head_type)
+    prompts = prompts_of_lengths(1, 6, 13, 2, 9, 4, 20)
+    gen = generate_ids(model, TOK, prompts, max_new_tokens=25, heads=1, batch_size=3, stop=["k"])
+    expected = [reference_greedy(model, p, 25, b"k") for p in prompts]
+    assert gen.tokens == expected
+    for ids, reason in zip(gen.tokens, gen.finish):
+        if reason == "stop":
+            assert ids and TOK.decode(ids).endswith("k")
+        elif reason == "length":
+            assert len(ids) == 25
+    # Plain decoding does exactly one row forward per generated token: finished rows
+    # stop costing work (no padding of the batch).
+    assert gen.stats.tokens_per_forward == 1.0
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "unembed"])
+def test_speculative_greedy_equals_plain_greedy(head_type):
+    model = trained_model(head_type)
+    prompts = prompts_of_lengths(1, 7, 3, 15, 2, 11, 5, 24, 9)
+    for stop in ([], ["pa", "e"]):
+        plain = generate_ids(model, TOK, prompts, max_new_tokens=40, heads=1, batch_size=4, stop=stop)
+        if stop:  # rows end at different times
+            assert "stop" in plain.finish and "length" in plain.finish
+        for k in range(2, N_FUTURE + 1):
+            for batch in (1, 2, 3, 5, 8):
+                spec = generate_ids(model, TOK, prompts, max_new_tokens=40, heads=k, batch_size=batch, stop=stop)
+                assert spec.tokens == plain.tokens, (k, batch, stop)
+                assert spec.finish == plain.finish
+                s = spec.stats
+                assert s.tokens == plain.stats.tokens
+                assert 1.0 < s.tokens_per_forward <= k
+                assert s.row_forwards < plain.stats.row_forwards
+                assert len(s.acceptance_by_depth) == k - 1
+                # P(first j drafts accepted) cannot grow with j
+                assert all(a >= b for a, b in zip(s.acceptance_by_depth, s.acceptance_by_depth[1:]))
+
+
+def test_speculative_acceptance_is_exercised():
+    """The trained drafters are good but not perfect: equality above is not vacuous."""
+    for head_type in ("transformer", "linear", "unembed"):
+        gen = generate_ids(trained_model(head_type), TOK, prompts_of_lengths(3, 8, 12), max_new_tokens=30, heads=N_FUTURE)
+        first = gen.stats.acceptance_by_depth[0]
+        assert 0.05 < first < 0.98, (head_type, first)
+
+
+def test_rows_advance_at_the_context_limit():
+    """Rows that reach the model's context stop there, with any number of heads, and
+    speculative drafts past the last cache slot change nothing."""
+    model = trained_model("unembed")
+    prompts = prompts_of_lengths(80, 60, 90)
+    plain = generate_ids(model, TOK, prompts, max_new_tokens=50, heads=1, batch_size=2)
+    assert [len(p) + len(t) for p, t in zip(prompts, plain.tokens) if plain.finish[prompts.index(p)] == "length"] \
+        == [min(len(p) + 50, 96) for p, f in zip(prompts, plain.finish) if f == "length"]
+    for k in (2, 4):
+        assert generate_ids(model, TOK, prompts, max_new_tokens=50, heads=k, batch_size=3).tokens == plain.tokens
+
+
+def test_decoder_is_reusable_and_sampling_is_seeded():
+    model = trained_model("transformer")
+    prompts = prompts_of_lengths(3, 5, 8, 2)
+    dec = Decoder(model, heads=3, batch_size=2, max_len=64, sampling=Sampling(0.8, 0.95))
+    a = dec.run(prompts, 20, tokenizer=TOK, seed=7)
+    b = dec.run(prompts, 20, tokenizer=TOK, seed=7)
+    c = dec.run(prompts, 20, tokenizer=TOK, seed=8)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    greedy = Decoder(model, heads=3, batch_size=2, max_len=64)
+    assert greedy.run(prompts, 20, tokenizer=TOK).tokens == greedy.run(prompts[::-1], 20, tokenizer=TOK).tokens[::-1]
+
+
+def test_generate_returns_completions_cut_at_stops():
+    model = trained_model("unembed")
+    prompts = ["adgj", "ace", "mnop"]
+    full = generate(model, TOK, prompts, max_new_tokens=30)
+    assert len(full) == 3 and all(isinstance(t, str) for t in full)
+    expected = [TOK.decode(reference_greedy(model, encode_prompt(TOK, p), 30)) for p in prompts]
+    assert full == expected
+    cut = generate(model, TOK, prompts, max_new_tokens=30, stop=["m", "ik"], heads=3)
+    assert cut == [cut_at_stop(t, ["m", "ik"]) for t in full]
+    assert all("m" not in t and "ik" not in t for t in cut)
+    assert generate(model, TOK, [], max_new_tokens=5) == []
+    sampled = generate(model, TOK, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9, heads=2, seed=3)
+    assert sampled == generate(model, TOK, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9, heads=2, seed=3)
+
+
+def test_cut_at_stop_takes_the_earliest():
+    assert cut_at_stop("abc\ndef\nclass", ["\nclass", "\nd"]) == "abc"
+    assert cut_at_stop("abc", ["x"]) == "abc"
+    assert cut_at_stop("abc", []) == "abc"
+
+
+def test_bad_input_is_a_user_error():
+    model = trained_model("linear")
+    with pytest.raises(UserError, match="5 heads asked for, but the model has 4"):
+        generate(model, TOK, ["a"], max_new_tokens=5, heads=5)
+    with pytest.raises(UserError, match="prompt 1 has 100 tokens"):
+        generate_ids(model, TOK, [[1, 2], [3] * 100], max_new_tokens=5)
+    with pytest.raises(UserError, match="top_p"):
+        generate(model, TOK, ["a"], max_new_tokens=5, temperature=1.0, top_p=0.0)
+    one_head = MTPTransformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, context=32, vocab_size=258))
+    with pytest.raises(UserError, match="model has 1"):
+        generate(one_head, TOK, ["a"], max_new_tokens=5, heads=2)

@@ -1,0 +1,160 @@
+"""`bytelm report` on a small MLflow store made here.
+
+The runs are logged the way a sweep logs them (a parent run, child runs tagged with
+their grid values, the trainer's and eval's and decode-bench's metric names), with
+made-up but plausible values: they are the report's input, and the test checks that the
+tables and plots say exactly what the store holds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from analysis.report import build_report
+from analysis.sections import SECTIONS, ReportContext, Section
+
+# (vocab, n, seed) -> pass@1/10 on humaneval and mbpp, val bpb, speedups by heads
+RUNS = {
+    ("bytes", 1, 0): dict(he=(0.10, 0.30), mbpp=(0.20, 0.40), bpb=1.20, spec={}),
+    ("bytes", 1, 1): dict(he=(0.12, 0.34), mbpp=(0.22, 0.42), bpb=1.22, spec={}),
+    ("bytes", 8, 0): dict(he=(0.15, 0.35), mbpp=(0.30, 0.50), bpb=1.18, spec={2: (1.9, 1.97), 4: (3.5, 3.8), 8: (6.1, 7.0)}),
+    ("bytes", 8, 1): dict(he=(0.17, 0.37), mbpp=(0.32, 0.52), bpb=1.16, spec={2: (1.9, 1.97), 4: (3.6, 3.8), 8: (6.3, 7.1)}),
+    ("bpe", 1, 0): dict(he=(0.20, 0.40), mbpp=(0.25, 0.45), bpb=1.10, spec={}),
+    ("bpe", 4, 0): dict(he=(0.22, 0.41), mbpp=(0.24, 0.46), bpb=1.12, spec={2: (1.8, 1.9), 4: (2.9, 3.4)}),
+}
+TEMPS = (0.2, 0.8)
+
+
+def log_study(client: MlflowClient, experiment: str) -> str:
+    exp_id = client.create_experiment(experiment)
+    parent = client.create_run(exp_id, run_name="study", tags={"sweep": "study", "study": "ablation",
+                                                                "sweep_parent": "true"}).info.run_id
+    for (vocab, n, seed), r in RUNS.items():
+        head = "unembed" if vocab == "bytes" else "transformer"
+        name = f"{vocab}-n{n}-{head}-s{seed}"
+        run_id = client.create_run(exp_id, run_name=name, tags={
+            "mlflow.parentRunId": parent, "sweep": "study", "study": "ablation",
+            "grid.vocab": vocab, "grid.n": str(n), "grid.head_type": head, "grid.seed": str(seed)}).info.run_id
+        params = {"data.root": "data/python-env", "data.tokenizer": vocab, "model.n_future": str(n),
+                  "model.head_type": head, "train.seed": str(seed)}
+        metrics = []
+        for step in (100, 200, 300):  # a validation curve, and the trainer's counters
+            metrics += [Metric("val/bpb", r["bpb"] + (300 - step) / 1000, 0, step),
+                        Metric("train/bytes_seen", step * 1e6, 0, step),
+                        Metric("train/flops", step * 1e13 * (1 + n / 10), 0, step)]
+        metrics.append(Metric("model/params", 1.2e6, 0, 0))
+        for task in ("humaneval", "mbpp"):
+            for k, v in zip((1, 10), r["he" if task == "humaneval" else "mbpp"]):
+                metrics.append(Metric(f"pass_at_{k}/{task}/best", v, 0, 300))
+                for t in TEMPS:  # the oracle is the best of these
+                    metrics.append(Metric(f"pass_at_{k}/{task}/t{t}", v if t == 0.8 else v / 2, 0, 300))
+            metrics.append(Metric(f"eval/{task}/n_samples", 20, 0, 300))
+        for heads, (speedup, bpf) in r["spec"].items():
+            metrics += [Metric(f"spec/code/b1/k{heads}/speedup", speedup, 0, 300),
+                        Metric(f"spec/code/b1/k{heads}/bytes_per_forward", bpf, 0, 300),
+                        Metric(f"spec/code/b1/k{heads}/tokens_per_forward", bpf, 0, 300)]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        client.set_terminated(run_id, "FINISHED")
+    failed = client.create_run(exp_id, run_name="bpe-n8-transformer-s0",
+                               tags={"mlflow.parentRunId": parent, "study": "ablation", "grid.vocab": "bpe", "grid.n": "8"})
+    client.log_batch(failed.info.run_id, tags=[RunTag("error", "train exited with 1: CUDA out of memory")])
+    client.set_terminated(failed.info.run_id, "FAILED")
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = log_study(client, "study")
+    return uri, root, parent
+
+
+def test_table1_rows_columns_values_and_bold(study):
+    uri, root, _ = study
+    out = root / "out"
+    report, files, _ = build_report("study", uri, out)
+
+    csv = pd.read_csv(out / "table1.csv")
+    assert list(csv[["vocab", "n"]].itertuples(index=False, name=None)) == [("bytes", 1), ("bytes", 8), ("bpe", 1), ("bpe", 4)]
+    assert list(csv["seeds"]) == [2, 2, 1, 1]
+    assert list(csv.columns[:3]) == ["data", "vocab", "n"] and set(csv["data"]) == {"python-env"}
+    # mean over the two seeds, and their sample standard deviation
+    b8 = csv[(csv["vocab"] == "bytes") & (csv["n"] == 8)].iloc[0]
+    assert b8["pass_at_1/humaneval/best"] == pytest.approx(0.16)
+    assert b8["pass_at_1/humaneval/best:std"] == pytest.approx(0.01414, abs=1e-4)
+    assert b8["val/bpb"] == pytest.approx(1.17)
+    assert b8["speedup"] == pytest.approx(6.2) and b8["speedup_heads"] == 8
+    assert b8["train_bytes"] == pytest.approx(3e8)
+    assert pd.isna(csv[(csv["vocab"] == "bpe") & (csv["n"] == 1)].iloc[0]["speedup"])
+
+    md = (out / "table1.md").read_text()
+    header = md.splitlines()[0]
+    for col in ("MBPP @1", "MBPP @10", "HumanEval @1", "HumanEval @10", "val bpb", "train bytes", "train FLOPs", "speedup"):
+        assert col in header
+    assert "@100" not in header and "APPS" not in header  # not evaluated: no empty columns
+    rows = {tuple(c.strip() for c in line.split("|")[2:4]): line for line in md.splitlines()[2:] if line.startswith("|")}
+    assert "| 16.0 ± 1.4 " in rows[("bytes", "8")]   # HumanEval@1: mean ± std over seeds, not the best
+    assert "**22.0**" in rows[("BPE", "4")]           # the best HumanEval@1
+    assert "**31.0 ± 1.4**" in rows[("bytes", "8")]   # the best MBPP@1
+    assert "**1.100**" in rows[("BPE", "1")]          # the lowest bits per byte
+    assert "**6.20 ± 0.14 (k=8)**" in rows[("bytes", "8")]
+    assert sum(line.count("**") for line in rows.values()) == 2 * 6  # one bold cell per compared column
+    assert "20 samples per problem" in md and "T ∈ {0.2, 0.8}" in md and "standard deviation" in md
+
+    tex = (out / "table1.tex").read_text()
+    assert r"\textbf{22.0}" in tex and r"\begin{tabular}" in tex and r"\caption{" in tex
+
+    text = report.read_text()
+    assert "bpe-n8-transformer-s0`: FAILED — train exited with 1: CUDA out of memory" in text
+    assert "Beside the paper's Table 1" in text and "32.3 / 50.0 / 69.6" in text  # paper's byte n=8 MBPP
+    assert "6.39 / 7.04" in text  # paper Table S3, n=8 model with 8 heads
+    for png in ("passk_vs_k.png", "vs_n.png", "speedup_vs_heads.png", "bpb_vs_bytes.png", "bpb_vs_flops.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in text
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 7 and {"name", "status", "vocab", "n", "seed", "val/bpb", "spec/code/b1/k8/speedup"} <= set(runs.columns)
+
+
+def test_report_cli_logs_artifacts_to_the_parent_run(study, tmp_path):
+    uri, _, parent = study
+    r = subprocess.run([sys.executable, "-m", "bytelm", "report", "--experiment", "study", "--out", str(tmp_path / "rep")],
+                       capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stderr
+    assert parent in r.stdout
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/table1.tex", "report/runs.csv", "report/vs_n.png"} <= logged
+
+    r = subprocess.run([sys.executable, "-m", "bytelm", "report", "--experiment", "nope", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 2 and "no MLflow experiment 'nope'" in r.stderr
+
+
+def test_study_tag_dispatches_to_its_section(study, tmp_path, monkeypatch):
+    """A study without a registered section gets the generic one; registering a section
+    (as the synthetic studies do) puts its own markdown in the report."""
+    uri, _, _ = study
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("induction-test")
+    run = client.create_run(exp_id, run_name="ind-n2", tags={"study": "induction-test"})
+    client.log_batch(run.info.run_id, metrics=[Metric("induction/acc", 0.75, 0, 1)])
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+    report, _, _ = build_report("induction-test", uri, tmp_path / "a")
+    assert "No report section is registered" in report.read_text() and "0.75" in report.read_text()
+
+    def induction_section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
+        return Section("Induction", f"induction accuracy of {len(runs)} run(s): {runs['induction/acc'].iloc[0]}")
+
+    monkeypatch.setitem(SECTIONS, "induction-test", induction_section)
+    report, _, _ = build_report("induction-test", uri, tmp_path / "b")
+    assert "## Induction" in report.read_text() and "induction accuracy of 1 run(s): 0.75" in report.read_text()

@@ -1,0 +1,86 @@
+"""The synthetic studies end to end on CPU: `bytelm synth` data, then the smoke sweeps
+(`bytelm sweep`: `bytelm train`, the same loop as every study, then `bytelm synth eval`),
+with the metrics in the run directories and in a real MLflow store (SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def bytelm(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    r = subprocess.run([sys.executable, "-m", "bytelm", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"bytelm {' '.join(args)} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+def mlflow_metrics(cwd: Path, run_dir: Path) -> dict:
+    from mlflow import MlflowClient
+
+    info = json.loads((run_dir / "mlflow.json").read_text())
+    return MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").get_run(info["run_id"]).data.metrics
+
+
+def run_sweep(cwd: Path, name: str) -> Path:
+    """`bytelm sweep experiments/sweeps/NAME.yaml` (10 steps a run); its sweep folder."""
+    bytelm(cwd, "sweep", str(REPO / "experiments" / "sweeps" / f"{name}.yaml"), "--set", "train.steps=10")
+    summary = json.loads((cwd / "runs" / name / "summary.json").read_text())
+    assert [r["stages"] for r in summary["runs"]] == [{"train": "finished", "synth": "finished"}] * 2, summary
+    return cwd / "runs" / name
+
+
+def test_poly_smoke_sweep_end_to_end(tmp_path):
+    bytelm(tmp_path, "synth", "poly", "--out", "data/synth/poly_smoke", "--n-train", "5000", "--test-per-m", "5")
+    sweep = run_sweep(tmp_path, "poly_smoke")
+    names = {f"poly/acc/m{m}" for m in range(1, 11)} | {"poly/acc_in_domain", "poly/acc_ood"}
+    for run_name in ("n1-s0", "n2-s0"):
+        run = sweep / "runs" / run_name
+        out = json.loads((run / "eval" / "synth_poly.json").read_text())
+        assert out["step"] == 10 and out["details"]["total"] == {str(m): 5 for m in range(1, 11)}
+        assert set(out["metrics"]) == names and all(0.0 <= v <= 1.0 for v in out["metrics"].values())
+        logged = mlflow_metrics(tmp_path, run)
+        assert names <= set(logged) and logged["poly/acc/m1"] == out["metrics"]["poly/acc/m1"]
+
+
+def test_induction_smoke_sweep_end_to_end(tmp_path):
+    bytelm(tmp_path, "synth", "induction", "--out", "data/synth/induction_smoke", "--train-copies", "1", "--n-test", "10")
+    sweep = run_sweep(tmp_path, "induction_smoke")
+    for run_name in ("n1-s0", "n2-s0"):
+        run = sweep / "runs" / run_name
+        out = json.loads((run / "eval" / "synth_induction.json").read_text())
+        m = out["metrics"]
+        assert set(m) == {"induction/acc", "induction/acc_name", "induction/acc_first", "induction/acc_n"}
+        assert m["induction/acc_n"] > 10 and 0.0 <= m["induction/acc"] <= 1.0
+        assert out["details"]["stories"] == 10 and out["step"] == 10
+        assert mlflow_metrics(tmp_path, run)["induction/acc"] == m["induction/acc"]
+
+    # a byte model is scored on the same stories, on bytes 2..len of each name
+    bytelm(tmp_path, "train", "--config", str(REPO / "experiments/configs/induction_smoke.yaml"), "--run-dir", "runs/bytes",
+           "--set", "data.tokenizer=bytes", "--set", "model.context=1024", "--set", "train.steps=2",
+           "--set", "tracking.mlflow=false")
+    bytelm(tmp_path, "synth", "eval", "--task", "induction", "--checkpoint", "runs/bytes", "--json", "b.json")
+    mb = json.loads((tmp_path / "b.json").read_text())["metrics"]
+    assert set(mb) == {"induction/acc_bytes", "induction/acc_bytes_name", "induction/acc_bytes_first", "induction/acc_bytes_n"}
+    assert mb["induction/acc_bytes_n"] > m["induction/acc_n"]  # several bytes per name, one token
+    # without MLflow the metrics stay in the run directory, for `bytelm track import`
+    rows = [json.loads(line) for line in (tmp_path / "runs/bytes/eval_metrics.jsonl").read_text().splitlines()]
+    assert rows[-1] == {"step": 2, **mb}
+
+    # the names are two tokens under the data set's BPE only: a model of another BPE is refused
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "data/synth/induction_smoke", other)
+    with open(other / "bpe" / "tokenizer.json", "a") as f:
+        f.write("\n")
+    r = subprocess.run([sys.executable, "-m", "bytelm", "synth", "eval", "--task", "induction", "--checkpoint",
+                        str(sweep / "runs" / "n2-s0"), "--data", str(other)], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "the model's BPE is not" in r.stderr
