@@ -89,7 +89,7 @@ class EvalConfig:
     n_samples: int = 200
     temperatures: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.8])
     top_p: float = 0.95
-    max_new_tokens: int = 512
+    max_new_tokens: int = 0  # 0 = each task's budget (docs/evaluation.md)
     batch_size: int = 64
     timeout_s: float = 10.0
     workers: int = 0  # 0 = all cores
@@ -264,3 +264,4 @@ def validate(cfg: RunConfig) -> None:
     _require(e.n_samples >= 1, "eval.n_samples", "must be >= 1")
     _require(all(x >= 0 for x in e.temperatures), "eval.temperatures", "must be >= 0")
     _require(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+    _require(e.max_new_tokens >= 0, "eval.max_new_tokens", "must be >= 0 (0 = each task's budget)")

@@ -24,13 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--samples", metavar="FILE", help='a JSONL of {"task_id", "completion"} to evaluate')
     mode.add_argument("--reference", action="store_true", help="the benchmarks' own solutions (each must pass)")
     p.add_argument("--task", help="humaneval, mbpp, apps, comma-separated (samples mode: one); default eval.tasks")
-    p.add_argument("--json", metavar="OUT", help="summary JSON; OUT.results.jsonl beside it holds each sample's result "
-                   "(checkpoint mode default: RUN_DIR/eval/pass_at_k.json)")
+    p.add_argument("--json", metavar="OUT", help="summary JSON; beside it (out.json -> out.results.jsonl) each sample's "
+                   "result (checkpoint mode default: RUN_DIR/eval/pass_at_k.json)")
     p.add_argument("--n-samples", type=int, help="samples per problem and temperature (eval.n_samples; the paper: 200)")
     p.add_argument("--temperatures", help="comma-separated temperature grid (eval.temperatures)")
     p.add_argument("--top-p", type=float, help="nucleus sampling (eval.top_p)")
     p.add_argument("--batch-size", type=int, help="generation batch (eval.batch_size)")
-    p.add_argument("--max-new-tokens", type=int, default=0,
+    p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget in the model's tokens for every task (0 = each task's own, docs/evaluation.md)")
     p.add_argument("--heads", type=int, default=1, help="decode with k heads: self-speculative sampling, same distribution")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +67,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         temperatures=_floats(args.temperatures, "--temperatures") if args.temperatures else list(eval_cfg.temperatures),
         top_p=pick(args.top_p, eval_cfg.top_p),
         batch_size=pick(args.batch_size, eval_cfg.batch_size),
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=pick(args.max_new_tokens, eval_cfg.max_new_tokens),
         heads=args.heads, seed=args.seed, device=args.device,
     )
     checks = [

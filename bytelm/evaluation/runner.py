@@ -22,7 +22,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tabulate import tabulate
 from tqdm import tqdm
@@ -32,6 +32,10 @@ from bytelm.evaluation.passk import KS, benchmark_pass_at_k, oracle
 from bytelm.evaluation.sandbox import STATUSES, Executor, Limits
 from bytelm.evaluation.tasks import TASKS, Problem, load_problems, max_new_tokens, normalise_task_id
 from bytelm.fileio import atomic_path, write_json
+
+if TYPE_CHECKING:  # torch is imported only in checkpoint mode
+    from bytelm.model import MTPTransformer
+    from bytelm.tokenizers import Tokenizer
 
 
 @dataclass
@@ -217,86 +221,106 @@ def temperature_name(t: float) -> str:
     return f"t{t:g}"
 
 
+@dataclass
+class _Sampler:
+    """One checkpoint's generation settings (see run_checkpoint)."""
+
+    model: "MTPTransformer"
+    tokenizer: "Tokenizer"
+    s: EvalSettings
+    seconds: float = 0.0  # spent in generate()
+
+    def too_long(self, problems: list[Problem]) -> set[str]:
+        """Ids of the problems whose prompt does not fit the model's context."""
+        from bytelm.generate import encode_prompt
+
+        return {p.task_id for p in problems if len(encode_prompt(self.tokenizer, p.prompt)) >= self.model.cfg.context}
+
+    def sample_and_run(self, ex: Executor, task: str, problems: list[Problem], temp: float, temp_index: int) -> list[dict]:
+        """n completions per problem at one temperature, each run in the sandbox; one
+        record per sample. Prompts longer than the context score 0 (they are not dropped)."""
+        from bytelm.generate import generate
+
+        s, n, spec = self.s, self.s.n_samples, TASKS[task]
+        budget = s.max_new_tokens or max_new_tokens(spec, self.tokenizer.kind)
+        long = self.too_long(problems)
+        fits = [p for p in problems if p.task_id not in long]
+        per_call = max(1, (4 * s.batch_size) // n)  # enough rows to keep the batch full as rows finish
+        chunks = [fits[i:i + per_call] for i in range(0, len(fits), per_call)]
+        pending = []  # (problem, sample index, completion, future)
+        for ci, chunk in enumerate(tqdm(chunks, desc=f"{task} t={temp:g} generate", leave=False)):
+            t0 = time.perf_counter()
+            completions = generate(
+                self.model, self.tokenizer, [p.prompt for p in chunk for _ in range(n)], max_new_tokens=budget,
+                temperature=temp, top_p=s.top_p, stop=list(spec.stop), heads=s.heads,
+                seed=s.seed + zlib.crc32(f"{task}/{temp_index}/{ci}".encode()), batch_size=s.batch_size,
+            )
+            self.seconds += time.perf_counter() - t0
+            for j, c in enumerate(completions):  # programs run while the next chunk generates
+                pending.append((chunk[j // n], j % n, c, ex.submit(chunk[j // n].job(c))))
+        records = []
+        for p, i, c, future in pending:
+            r = future.result()
+            status, reason = p.judge(r)
+            records.append({"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": c,
+                            "status": status, "reason": reason, "passed": status == "passed",
+                            "duration_s": r.duration_s, "network_isolated": r.network_isolated})
+        too_long = {"status": "error", "reason": f"prompt longer than the model's context ({self.model.cfg.context})",
+                    "passed": False, "duration_s": 0.0, "network_isolated": ex.network_isolated}
+        records += [{"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": "", **too_long}
+                    for p in problems if p.task_id in long for i in range(n)]
+        return records
+
+
 def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSettings, out: str | os.PathLike | None = None) -> dict:
     """Samples s.n_samples completions per problem at each temperature, runs them, and
     logs pass@k per temperature and at the oracle temperature to the checkpoint's run."""
     import torch
 
     from bytelm.checkpoint import load_model, run_dir_of
-    from bytelm.generate import encode_prompt, generate
     from bytelm.tracking import log_to_run
 
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_model(checkpoint, device=device)
+    sampler = _Sampler(model, tokenizer, s)
     run_dir = run_dir_of(checkpoint)
     out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
-    n = s.n_samples
     metrics: dict[str, float] = {}
     summary: dict = {
-        "checkpoint": str(checkpoint), "run_dir": str(run_dir), "n_samples": n, "temperatures": s.temperatures,
+        "checkpoint": str(checkpoint), "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
         "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "tasks": {},
     }
     records: list[dict] = []
-    gen_s = 0.0
     t_start = time.perf_counter()
     with open_executor(s) as ex:
         for task in tasks:
-            spec = TASKS[task]
             problems = problems_of(task, s)
-            budget = s.max_new_tokens or max_new_tokens(spec, tokenizer.kind)
-            fits = [p for p in problems if len(encode_prompt(tokenizer, p.prompt)) < model.cfg.context]
-            fit_ids = {p.task_id for p in fits}
-            # Enough prompts per generate() call to keep the batch full while rows finish.
-            per_call = max(1, (4 * s.batch_size) // n)
-            by_t: dict[float, dict[int, float]] = {}
-            task_summary: dict = {"n_problems": len(problems), "prompts_too_long": len(problems) - len(fits),
-                                  "max_new_tokens": budget, "stop": list(spec.stop), "by_temperature": {}}
+            per_t, by_t = {}, {}
             for ti, temp in enumerate(s.temperatures):
-                pending = []  # (problem, sample index, completion, future)
-                chunks = [fits[i:i + per_call] for i in range(0, len(fits), per_call)]
-                for ci, chunk in enumerate(tqdm(chunks, desc=f"{task} t={temp:g} generate", leave=False)):
-                    t0 = time.perf_counter()
-                    completions = generate(
-                        model, tokenizer, [p.prompt for p in chunk for _ in range(n)], max_new_tokens=budget,
-                        temperature=temp, top_p=s.top_p, stop=list(spec.stop), heads=s.heads,
-                        seed=s.seed + zlib.crc32(f"{task}/{ti}/{ci}".encode()), batch_size=s.batch_size,
-                    )
-                    gen_s += time.perf_counter() - t0
-                    for j, c in enumerate(completions):  # programs run while the next chunk generates
-                        p = chunk[j // n]
-                        pending.append((p, j % n, c, ex.submit(p.job(c))))
-                recs = []
-                for p, i, c, fut in pending:
-                    r = fut.result()
-                    status, reason = p.judge(r)
-                    recs.append({"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": c,
-                                 "status": status, "reason": reason, "passed": status == "passed",
-                                 "duration_s": r.duration_s, "network_isolated": r.network_isolated})
-                for p in problems:  # a prompt the context cannot hold scores 0, it is not dropped
-                    if p.task_id not in fit_ids:
-                        recs += [{"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": "",
-                                  "status": "error", "reason": f"prompt longer than the model's context ({model.cfg.context})",
-                                  "passed": False, "duration_s": 0.0, "network_isolated": ex.network_isolated}
-                                 for i in range(n)]
+                recs = sampler.sample_and_run(ex, task, problems, temp, ti)
                 records += recs
-                sc = score(recs)
-                task_summary["by_temperature"][f"{temp:g}"] = sc
+                per_t[f"{temp:g}"] = sc = score(recs)
                 by_t[temp] = {int(k): v for k, v in sc["pass_at_k"].items()}
                 for k, v in sc["pass_at_k"].items():
                     metrics[f"pass_at_{k}/{task}/{temperature_name(temp)}"] = v
             best = oracle(by_t)
-            task_summary["best"] = {str(k): v for k, v in best.items()}
             for k, v in best.items():
                 metrics[f"pass_at_{k}/{task}/best"] = v["pass_at_k"]
                 metrics[f"pass_at_{k}/{task}/best_t"] = v["temperature"]
-            summary["tasks"][task] = task_summary
+            summary["tasks"][task] = {
+                "n_problems": len(problems),
+                "prompts_too_long": len(sampler.too_long(problems)),
+                "max_new_tokens": s.max_new_tokens or max_new_tokens(TASKS[task], tokenizer.kind),
+                "stop": list(TASKS[task].stop), "by_temperature": per_t, "best": {str(k): v for k, v in best.items()},
+            }
         summary["sandbox"] = ex.isolation
-    summary.update(metrics=metrics, generation_s=round(gen_s, 2), total_s=round(time.perf_counter() - t_start, 2),
-                   results_file=results_path(out).name)
+    summary.update(metrics=metrics, generation_s=round(sampler.seconds, 2),
+                   total_s=round(time.perf_counter() - t_start, 2), results_file=results_path(out).name)
     write_outputs(out, summary, records)
-    rows = [{"task": t, "temperature": temp, **sc} for t, v in summary["tasks"].items() for temp, sc in v["by_temperature"].items()]
-    print_table(rows)
+    print_table([{"task": t, "temperature": temp, **sc}
+                 for t, v in summary["tasks"].items() for temp, sc in v["by_temperature"].items()])
     for t, v in summary["tasks"].items():
-        print(f"{t} oracle temperature: " + ", ".join(f"pass@{k} {b['pass_at_k']:.4f} (t={b['temperature']:g})" for k, b in v["best"].items()))
+        print(f"{t} oracle temperature: " + ", ".join(
+            f"pass@{k} {b['pass_at_k']:.4f} (t={b['temperature']:g})" for k, b in v["best"].items()))
     log_to_run(run_dir, metrics, artifacts=[out, results_path(out)])
     return summary
