@@ -139,33 +139,24 @@ def _omegaconf_error(e: OmegaConfBaseException) -> UserError:
     return UserError(f"config: {msg}")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults ← YAML file ← dotted overrides, then `validate`."""
-    base = OmegaConf.structured(RunConfig)
-    layers = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {p} must hold a mapping at the top level")
-        layers.append(raw)
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        node: dict = {}
-        cur = node
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cur[part] = {}
-            cur = cur[part]
-        cur[parts[-1]] = value
-        layers.append(node)
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A YAML file that must hold a mapping, with one clear error otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p} not found")
     try:
-        merged = base
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {p} must hold a mapping at the top level")
+    return raw
+
+
+def _resolve(layers: list[dict]) -> RunConfig:
+    """Dataclass defaults merged with each layer in turn, strictly, then validated."""
+    try:
+        merged = OmegaConf.structured(RunConfig)
         for layer in layers:
             merged = OmegaConf.merge(merged, OmegaConf.create(layer))
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -175,15 +166,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults ← YAML file ← dotted overrides, then `validate`."""
+    layers = [read_yaml_mapping(path)] if path is not None else []
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        node: dict = {}
+        cur = node
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+        layers.append(node)
+    return _resolve(layers)
+
+
 def config_from_dict(d: dict) -> RunConfig:
     """A RunConfig from a plain dict (e.g. a checkpoint's saved config), strictly."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(d))
-        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
-    validate(cfg)
-    return cfg
+    return _resolve([d])
 
 
 def to_dict(cfg: RunConfig) -> dict:
