@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from bytelm.errors import UserError
 from bytelm.fileio import write_json
-from bytelm.generate import Decoder, Generation, encode_prompt
+from bytelm.generate import ATTENTION_BACKENDS, Decoder, Generation, encode_prompt
 from bytelm.model import MTPTransformer
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import Tokenizer
@@ -64,6 +64,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cuda-graphs", action="store_true", help="capture the decoding step in CUDA graphs (baseline too)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (baseline too)")
+    p.add_argument("--attention", default="auto", choices=list(ATTENTION_BACKENDS),
+                   help="pin the decoding step's attention kernel (baseline too; default auto: PyTorch's choice)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median counts (default 1)")
     p.add_argument("--data-dir", help="benchmark data folder for --prompts stories (default: $BYTELM_DATA_DIR or ../shared/data)")
     p.add_argument("--json", help="output JSON (default: RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json)")
@@ -210,6 +212,7 @@ def bench_row(k: int, batch: int, gen: Generation, wall: float, base: Generation
         "step_cost_vs_plain": (s.step_s / max(s.steps, 1)) / (b.step_s / max(b.steps, 1)),
         "prefill_fraction": s.prefill_s / s.wall_s,
         "host_fraction": max(0.0, s.wall_s - s.step_s - s.prefill_s) / s.wall_s,
+        "idle_row_fraction": s.idle_row_steps / max(s.idle_row_steps + s.row_steps, 1),
         "baseline": baseline,
         "baseline_wall_s": base_wall,
         "baseline_tokens_per_s": b.tokens / base_wall,
@@ -227,6 +230,7 @@ def run_benchmark(
     max_new: int,
     cuda_graphs: bool = False,
     compile: bool = False,
+    attention: str = "auto",
     repeats: int = 1,
 ) -> list[dict]:
     """One row per (heads used, batch size); heads 1 is each batch size's baseline."""
@@ -234,11 +238,12 @@ def run_benchmark(
     max_len = min(model.cfg.context, max(map(len, prompts)) + max_new + max(heads))
     kernels = "CUDA graphs" if cuda_graphs else "eager"
     kernels += " + torch.compile" if compile else ""
+    kernels += f", attention {attention}"
     rows = []
     configs = [(b, k) for b in batch_sizes for k in heads]
     for batch, k in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
-                          cuda_graphs=cuda_graphs, compile=compile)
+                          cuda_graphs=cuda_graphs, compile=compile, attention=attention)
         gen, wall = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
         if k == 1:
@@ -320,7 +325,8 @@ def main(args) -> int:
     max_new = args.max_new or min(1024, context - longest)
 
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
-                         cuda_graphs=args.cuda_graphs, compile=args.compile, repeats=args.repeats)
+                         cuda_graphs=args.cuda_graphs, compile=args.compile, attention=args.attention,
+                         repeats=args.repeats)
     print(table(rows))
 
     run_dir = run_dir_of(args.checkpoint)
@@ -329,7 +335,7 @@ def main(args) -> int:
         "checkpoint": str(Path(args.checkpoint).resolve()), "prompts": name, "n_prompts": len(prompts),
         "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
-        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "repeats": args.repeats, "hardware": hardware(),
+        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": args.attention, "repeats": args.repeats, "hardware": hardware(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},

@@ -10,7 +10,8 @@ How a batch is decoded
   and yields its first token (plus, with k heads, k-1 drafts). Each row keeps its own
   positions, so rows advance by different amounts (see `model.forward_cached`).
 - Active rows are slots [0, b). When a row finishes (EOS, a stop sequence, its token
-  budget or the context), the next queued prompt is prefilled into its slot; once the
+  budget or the context), queued prompts are prefilled into finished slots, in groups of
+  at least `refill_min` on a GPU (where a prefill costs many graphed steps); once the
   queue is empty the last active row is moved into the hole instead (one copy of its
   cache row), so the batch shrinks and finished rows stop costing work. The whole batch
   is never re-padded.
@@ -25,8 +26,9 @@ How a batch is decoded
   cache and, for transformer heads, in every head block's cache.
 - Static shapes make the step capturable: with `cuda_graphs=True` one CUDA graph is
   captured per bucket of active rows (1, 2, 4, ... up to the batch size; the rows past b
-  in a bucket are free slots whose work is discarded), and `compile=True` runs the step
-  through torch.compile (fused kernels) before capture.
+  in a bucket are free slots whose work is discarded), `compile=True` runs the step
+  through torch.compile (fused kernels) before capture, and `attention` can pin the
+  step's attention kernel.
 
 Prompts start with the tokenizer's EOS id: in the shards every document follows the EOS
 of the one before, so to the model a prompt after EOS is the start of a file.
@@ -39,16 +41,14 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bytelm.errors import UserError
-from bytelm.model import KVCache, MTPTransformer, UnembedHeads
+from bytelm.model import KVCache, MTPTransformer
 from bytelm.speculative import Sampling, draft, next_token, verify
 from bytelm.tokenizers import Tokenizer
 
-FINISH_REASONS = ("eos", "stop", "length")
 # scaled_dot_product_attention kernels a decoding step may be pinned to (auto: PyTorch's
 # choice). With a boolean mask over the cache, PyTorch 2.11 on an H200 picks a cuDNN kernel
 # that is ~4x slower for 8 query positions than for 1, which is most of what a verify step
@@ -112,6 +112,7 @@ class DecodeStats:
     forwards: int = 0  # prefills + steps
     steps: int = 0  # decoding (verify) steps
     row_forwards: int = 0
+    idle_row_steps: int = 0  # step rows spent on finished slots waiting for a group refill
     # accepted[j]: row steps in which drafts 1..j+1 were all accepted (j = 0..k-2)
     accepted: list[int] = field(default_factory=list)
     wall_s: float = 0.0
@@ -212,6 +213,8 @@ class Decoder:
     `batch_size` slots of one static KV cache of `max_len` positions.
 
     Sampling parameters are fixed per decoder (they are baked into the captured step).
+    `attention` pins the step's attention kernel (ATTENTION_BACKENDS); `refill_min` is the
+    smallest group of finished slots refilled with one prefill while prompts wait.
     """
 
     def __init__(
@@ -225,19 +228,24 @@ class Decoder:
         cuda_graphs: bool = False,
         compile: bool = False,
         attention: str = "auto",
+        refill_min: int | None = None,
     ):
         n = model.n_future
-        if attention not in ATTENTION_BACKENDS:
-            raise UserError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
-        self.attention = attention
         if not 1 <= heads <= n:
             raise UserError(f"{heads} heads asked for, but the model has {n} (model.n_future={n})")
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
+        if attention not in ATTENTION_BACKENDS:
+            raise UserError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        self.attention = attention
         p = model.tok_emb.weight
         if cuda_graphs and p.device.type != "cuda":
             raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
         self.model, self.k, self.B, self.sampling = model, heads, batch_size, sampling
+        # On a GPU a prefill is an eager forward that costs many graphed steps, so finished
+        # slots wait (idle, their step rows wasted) until a quarter of the batch can be
+        # refilled at once; on a CPU a prefill costs what its tokens cost: refill at once.
+        self.refill_min = refill_min or (max(1, batch_size // 4) if p.device.type == "cuda" else 1)
         self.L = min(max_len or model.cfg.context, model.cfg.context)
         self.device, V = p.device, model.cfg.vocab_size
         prob_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -289,16 +297,14 @@ class Decoder:
         if k == first:
             return z.new_zeros(z.shape[0], 0, V)
         idx = at.view(-1, 1, 1).expand(-1, 1, z.shape[-1])
-        if isinstance(m.heads, UnembedHeads):
-            # One matmul with the heads' stacked unembeddings (rows [i·V, (i+1)·V) are head i).
-            h = m.norm(z.gather(1, idx))
-            return F.linear(h, m.heads.output.weight[first * V : k * V]).view(-1, k - first, V)
+        if not m.heads.attends:
+            # All the heads at once on the one position (Heads.group: a single matmul for
+            # unembed heads), logits laid out (row, head, V).
+            h, unembedding = m.heads.group(first, k, z.gather(1, idx), rope)
+            return F.linear(m.norm(h), unembedding).view(-1, k - first, V)
         out = []
         for i in range(first, k):
-            if m.heads.attends:
-                h = m.heads.hidden(i, z, rope, cache.heads[i] if cache.heads is not None else None).gather(1, idx)
-            else:
-                h = m.heads.hidden(i, z.gather(1, idx), rope)
+            h = m.heads.hidden(i, z, rope, cache.heads[i]).gather(1, idx)
             out.append(m.heads.unembed(i, m.norm(h)))
         return torch.cat(out, dim=1)
 
@@ -441,7 +447,8 @@ class Decoder:
         rows = [_Row(min(max_new_tokens, self.L - len(p)), eos, stops, tokenizer) for p in prompts]
         stats = DecodeStats(heads=self.k, batch_size=self.B, sequences=len(prompts), accepted=[0] * (self.k - 1))
         queue = deque(range(len(prompts)))
-        slot_row: list[int] = []  # active slot -> request index
+        slot_row: list[int | None] = []  # active slot -> request index (None: idle, awaiting a refill)
+        idle: set[int] = set()
 
         def admit(slots: list[int]) -> list[int]:
             """Prefills queued prompts into these slots; returns the slots already done."""
@@ -461,19 +468,34 @@ class Decoder:
             return done
 
         def retire(done: list[int]) -> None:
-            """Refills finished slots from the queue; compacts the rest away."""
-            while done:
-                done.sort()
-                refill, rest = done[: len(queue)], done[len(queue):]
-                for slot in reversed(rest):  # highest first: the last active row is never finished
-                    last = len(slot_row) - 1
-                    if slot != last:
-                        self._move(last, slot)
-                        slot_row[slot] = slot_row[last]
-                    slot_row.pop()
-                done = admit(refill) if refill else []
+            """Finished slots go idle; idle slots are refilled from the queue in groups of
+            at least `refill_min` (one batched prefill), or compacted away once the queue
+            is empty (the last active row moves into the hole, highest hole first, so the
+            row moved is never an idle one)."""
+            for slot in done:
+                slot_row[slot] = None
+            idle.update(done)
+            while idle:
+                if queue and (len(idle) >= min(self.refill_min, len(queue)) or len(idle) == len(slot_row)):
+                    slots = sorted(idle)[: len(queue)]
+                    idle.difference_update(slots)
+                    finished = admit(slots)
+                    for slot in finished:
+                        slot_row[slot] = None
+                    idle.update(finished)
+                    continue
+                if not queue:
+                    for slot in sorted(idle, reverse=True):
+                        last = len(slot_row) - 1
+                        if slot != last:
+                            self._move(last, slot)
+                            slot_row[slot] = slot_row[last]
+                        slot_row.pop()
+                    idle.clear()
+                break
 
         retire(admit(list(range(min(self.B, len(prompts))))))
+        k = self.k
         while slot_row:
             b = len(slot_row)
             t = time.perf_counter()
@@ -482,15 +504,17 @@ class Decoder:
             stats.step_s += time.perf_counter() - t
             stats.forwards += 1
             stats.steps += 1
-            stats.row_forwards += b
+            stats.row_forwards += b - len(idle)
+            stats.idle_row_steps += len(idle)
             done = []
-            k = self.k
-            for slot in range(b):
+            for slot, r in enumerate(slot_row):
+                if r is None:
+                    continue
                 o = out[slot]
                 n = 1 if k == 1 else o[k] + 1
                 for j in range(n - 1):
                     stats.accepted[j] += 1
-                if rows[slot_row[slot]].feed(o[:n]):
+                if rows[r].feed(o[:n]):
                     done.append(slot)
             retire(done)
 

@@ -1,0 +1,121 @@
+"""`bytelm decode-bench` end to end: a checkpoint trained by `bytelm train` on the smoke
+corpus, the real CLI in a subprocess, the JSON it writes and the MLflow run it logs to."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from bytelm.config import load_config
+from bytelm.decode_bench import heads_to_run, select_prompts
+from bytelm.errors import UserError
+from bytelm.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+# One worker trains the module's checkpoint once (scripts/test.sh runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("decode_bench")
+ROW_FIELDS = {"heads_used", "batch_size", "bytes_per_forward", "tokens_per_forward", "speedup", "acceptance_by_depth",
+              "sequences", "mismatched_sequences", "baseline", "tokens_per_s", "bytes_per_s", "efficiency"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(smoke_data, tmp_path_factory):
+    """A 4-head byte model trained for 20 steps, logged to a SQLite MLflow store."""
+    root = tmp_path_factory.mktemp("bench")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    try:
+        cfg = load_config(SMOKE, [f"data.root={smoke_data}", "model.n_future=4", "train.steps=20",
+                                  "train.eval_every=1000", "train.checkpoint_every=20"])
+        train(cfg, root / "run")
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    return root / "run"
+
+
+def bench(run_dir, *args):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir.parent / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bytelm", "decode-bench", "--checkpoint", str(run_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=600)
+
+
+@pytest.mark.slow
+def test_bench_writes_rows_and_logs_to_mlflow(run_dir):
+    out = run_dir.parent / "bench.json"
+    p = bench(run_dir, "--prompts", "code", "--heads", "1,2,4", "--batch-sizes", "1,3", "--n-prompts", "4",
+              "--prompt-len", "48", "--max-new", "24", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "speedup" in p.stdout and "P(drafts 1..j accepted)" in p.stdout  # the table
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["heads_used"], r["batch_size"]) for r in rows] == [(k, b) for b in (1, 3) for k in (1, 2, 4)]
+    for r in rows:
+        assert ROW_FIELDS <= set(r)
+        assert r["sequences"] == 4
+        assert r["mismatched_sequences"] == 0  # float32 on CPU: exactly plain greedy
+        assert len(r["acceptance_by_depth"]) == r["heads_used"] - 1
+        assert 1.0 <= r["tokens_per_forward"] <= r["heads_used"]
+        assert r["bytes_per_forward"] == pytest.approx(r["tokens_per_forward"], rel=0.1)  # a byte model
+        assert r["speedup"] > 0 and "plain greedy" in r["baseline"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["tokens_per_forward"] == 1.0
+    assert result["setup"]["prompts"] == "code" and result["setup"]["prompt_len_bytes"] == 48
+
+    info = json.loads((run_dir / "mlflow.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    metrics = client.get_run(info["run_id"]).data.metrics
+    assert metrics["spec/code/b3/k4/mismatched"] == 0
+    assert metrics["spec/code/b1/k2/tokens_per_forward"] == pytest.approx(rows[1]["tokens_per_forward"])
+    assert "spec/code/b3/k1/speedup" in metrics and "spec/code/b1/k4/bytes_per_s" in metrics
+    artifacts = [a.path for a in client.list_artifacts(info["run_id"])]
+    assert "bench.json" in artifacts
+
+
+@pytest.mark.slow
+def test_bench_stories_prompts_default_output(run_dir):
+    p = bench(run_dir, "--prompts", "stories", "--heads", "4", "--batch-sizes", "2", "--n-prompts", "2",
+              "--prompt-len", "40", "--max-new", "8")
+    assert p.returncode == 0, p.stderr
+    out = run_dir / "bench" / "decode_stories_cpu_float32.json"
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["heads_used"] for r in rows] == [1, 4]
+    assert all(r["mismatched_sequences"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["--heads", "1,8"], "asks for 8 heads, but the checkpoint has 4"),
+    (["--prompt-len", "255"], "does not fit the model's context of 256"),
+    (["--prompts", "nowhere.jsonl"], "neither code, stories nor an existing JSONL file"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
+    (["--batch-sizes", "0"], "--batch-sizes takes integers >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(run_dir, args, message):
+    p = bench(run_dir, *args)
+    assert p.returncode == 2
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_heads_to_run():
+    assert heads_to_run(None, 8) == [1, 2, 4, 8]
+    assert heads_to_run(None, 6) == [1, 2, 4, 6]
+    assert heads_to_run("8,2", 32) == [1, 2, 8]
+    with pytest.raises(UserError, match="no extra heads"):
+        heads_to_run("2", 1)
+    with pytest.raises(UserError, match="no extra heads"):
+        heads_to_run(None, 1)
+
+
+def test_select_prompts_cuts_whole_characters():
+    docs = ["short".encode(), ("é" * 10).encode(), b"x" * 30]
+    assert select_prompts(docs, 5, 7, keep_short=False) == [("é" * 3).encode(), b"x" * 7]
+    assert select_prompts(docs, 5, 7, keep_short=True)[0] == b"short"
+    assert select_prompts(docs, 1, None, keep_short=True) == [b"short"]
