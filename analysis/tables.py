@@ -125,8 +125,8 @@ def summary(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[Column], 
 
 def best_rows(df: pd.DataFrame, c: Column) -> set[int]:
     vals = df[c.key]
-    if c.better is None or vals.notna().sum() < 2:
-        return set()
+    if c.better is None or vals.notna().sum() < 2 or vals.max() == vals.min():
+        return set()  # nothing to single out (e.g. pass@1 = 0 everywhere)
     target = vals.max() if c.better == "max" else vals.min()
     return set(df.index[np.isclose(vals, target, rtol=0, atol=1e-12)])
 
@@ -157,8 +157,8 @@ def render(df: pd.DataFrame, labels: list[str], columns: list[Column], style: st
         rows.append(cells)
     headers = ["data", "vocab", "n", *[a.removeprefix("grid.") for a in labels[3:]], *[c.title for c in columns]]
     if md:
-        return tabulate(rows, headers=headers, tablefmt="github")
-    return tabulate(rows, headers=[_tex_escape(h) for h in headers], tablefmt="latex_raw")
+        return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    return tabulate(rows, headers=[_tex_escape(h) for h in headers], tablefmt="latex_raw", disable_numparse=True)
 
 
 def _tex_escape(s: str) -> str:

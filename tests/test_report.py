@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from analysis.report import build_report
 from analysis.sections import SECTIONS, ReportContext, Section
+from bytelm.tracking import get_or_create_experiment
 
 # (vocab, n, seed) -> pass@1/10 on humaneval and mbpp, val bpb, speedups by heads
 RUNS = {
@@ -33,7 +34,7 @@ TEMPS = (0.2, 0.8)
 
 
 def log_study(client: MlflowClient, experiment: str) -> str:
-    exp_id = client.create_experiment(experiment)
+    exp_id = get_or_create_experiment(client, experiment)  # artifacts beside the test's database
     parent = client.create_run(exp_id, run_name="study", tags={"sweep": "study", "study": "ablation",
                                                                 "sweep_parent": "true"}).info.run_id
     for (vocab, n, seed), r in RUNS.items():
@@ -43,6 +44,7 @@ def log_study(client: MlflowClient, experiment: str) -> str:
             "mlflow.parentRunId": parent, "sweep": "study", "study": "ablation",
             "grid.vocab": vocab, "grid.n": str(n), "grid.head_type": head, "grid.seed": str(seed)}).info.run_id
         params = {"data.root": "data/python-env", "data.tokenizer": vocab, "model.n_future": str(n),
+                  "eval.n_samples": "200",  # the config's default: the caption must not take it
                   "model.head_type": head, "train.seed": str(seed)}
         metrics = []
         for step in (100, 200, 300):  # a validation curve, and the trainer's counters
@@ -55,7 +57,8 @@ def log_study(client: MlflowClient, experiment: str) -> str:
                 metrics.append(Metric(f"pass_at_{k}/{task}/best", v, 0, 300))
                 for t in TEMPS:  # the oracle is the best of these
                     metrics.append(Metric(f"pass_at_{k}/{task}/t{t}", v if t == 0.8 else v / 2, 0, 300))
-            metrics.append(Metric(f"eval/{task}/n_samples", 20, 0, 300))
+        metrics.append(Metric("pass_at_1/apps/best", 0.0, 0, 300))  # solved by none: a column without a best
+        metrics.append(Metric("eval/n_samples", 20, 0, 300))
         for heads, (speedup, bpf) in r["spec"].items():
             metrics += [Metric(f"spec/code/b1/k{heads}/speedup", speedup, 0, 300),
                         Metric(f"spec/code/b1/k{heads}/bytes_per_forward", bpf, 0, 300),
@@ -101,15 +104,17 @@ def test_table1_rows_columns_values_and_bold(study):
     header = md.splitlines()[0]
     for col in ("MBPP @1", "MBPP @10", "HumanEval @1", "HumanEval @10", "val bpb", "train bytes", "train FLOPs", "speedup"):
         assert col in header
-    assert "@100" not in header and "APPS" not in header  # not evaluated: no empty columns
+    assert "@100" not in header and "APPS-Intro @10" not in header  # not evaluated: no empty columns
+    assert "APPS-Intro @1" in header
     rows = {tuple(c.strip() for c in line.split("|")[2:4]): line for line in md.splitlines()[2:] if line.startswith("|")}
     assert "| 16.0 ± 1.4 " in rows[("bytes", "8")]   # HumanEval@1: mean ± std over seeds, not the best
     assert "**22.0**" in rows[("BPE", "4")]           # the best HumanEval@1
     assert "**31.0 ± 1.4**" in rows[("bytes", "8")]   # the best MBPP@1
     assert "**1.100**" in rows[("BPE", "1")]          # the lowest bits per byte
     assert "**6.20 ± 0.14 (k=8)**" in rows[("bytes", "8")]
-    assert sum(line.count("**") for line in rows.values()) == 2 * 6  # one bold cell per compared column
-    assert "20 samples per problem" in md and "T ∈ {0.2, 0.8}" in md and "standard deviation" in md
+    # one bold cell per compared column, none in APPS-Intro @1 where every run has 0.0
+    assert sum(line.count("**") for line in rows.values()) == 2 * 6
+    assert "from 20 samples per problem" in md and "T ∈ {0.2, 0.8}" in md and "standard deviation" in md
 
     tex = (out / "table1.tex").read_text()
     assert r"\textbf{22.0}" in tex and r"\begin{tabular}" in tex and r"\caption{" in tex
@@ -144,7 +149,7 @@ def test_study_tag_dispatches_to_its_section(study, tmp_path, monkeypatch):
     (as the synthetic studies do) puts its own markdown in the report."""
     uri, _, _ = study
     client = MlflowClient(uri)
-    exp_id = client.create_experiment("induction-test")
+    exp_id = get_or_create_experiment(client, "induction-test")
     run = client.create_run(exp_id, run_name="ind-n2", tags={"study": "induction-test"})
     client.log_batch(run.info.run_id, metrics=[Metric("induction/acc", 0.75, 0, 1)])
     client.set_terminated(run.info.run_id, "FINISHED")
