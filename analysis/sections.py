@@ -20,6 +20,8 @@ from tabulate import tabulate
 
 SECTIONS: dict[str, str | Callable] = {
     "ablation": "analysis.ablation:section",  # the n × vocabulary study (paper Table 1, S3)
+    "induction": "analysis.synthetic:induction_section",  # paper Fig. 7 (docs/synthetic.md)
+    "poly": "analysis.synthetic:poly_section",  # paper Fig. 8
 }
 
 
