@@ -233,13 +233,12 @@ class _TokenStream:
     """The shards of a split as one read-only token array (memory-mapped)."""
 
     def __init__(self, split_dir: Path, meta: dict):
-        self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        self.maps = [np.memmap(split_dir / s["tokens"], dtype=self.dtype, mode="r") if s["n_tokens"] else None for s in meta["shards"]]
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        self.maps = [np.memmap(split_dir / s["tokens"], dtype=dtype, mode="r") if s["n_tokens"] else None for s in meta["shards"]]
         self.ends = np.cumsum([s["n_tokens"] for s in meta["shards"]], dtype=np.int64)
-        self.n = int(self.ends[-1]) if len(self.ends) else 0
 
-    def read(self, start: int, stop: int, raw: bool = False) -> np.ndarray:
-        """Tokens [start, stop) across shard boundaries, as int64 (raw: the stored dtype)."""
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) across shard boundaries, as int64."""
         out = []
         k = int(np.searchsorted(self.ends, start, side="right"))
         while start < stop:
@@ -247,19 +246,38 @@ class _TokenStream:
             end = min(stop, int(self.ends[k]))
             out.append(self.maps[k][start - base : end - base])
             start, k = end, k + 1
-        arr = np.concatenate(out) if out else np.zeros(0, dtype=self.dtype)
-        return arr if raw else arr.astype(np.int64)
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
 
 def iter_documents(split_dir: str | Path, verify: bool = False) -> Iterator[bytes]:
-    """The raw documents of a corpus split (`DIR/corpus/train`), in order."""
+    """The raw documents of a corpus split (`DIR/corpus/train`), in order.
+
+    Plain sequential reads, not a memory map: a pass over a large corpus should not leave
+    every page of it mapped into this process (its resident size would grow to the
+    corpus size).
+    """
     split_dir = Path(split_dir)
     meta = read_meta(split_dir, format=CORPUS_FORMAT, verify=verify)
     starts = _doc_starts(split_dir, meta)
-    stream = _TokenStream(split_dir, meta)
-    ends = np.append(starts[1:], stream.n)
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        yield stream.read(a, b, raw=True).tobytes()
+    lengths = np.diff(np.append(starts, meta["n_tokens"])) * np.dtype(meta["dtype"]).itemsize
+    files = iter([split_dir / s["tokens"] for s in meta["shards"]])
+    f = None
+    try:
+        for need in lengths.tolist():
+            parts = []
+            while need:
+                f = f or open(next(files), "rb")
+                part = f.read(need)
+                if not part:  # end of this shard: the document goes on in the next one
+                    f.close()
+                    f = None
+                    continue
+                parts.append(part)
+                need -= len(part)
+            yield b"".join(parts)
+    finally:
+        if f is not None:
+            f.close()
 
 
 class ShardDataset:

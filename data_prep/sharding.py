@@ -1,7 +1,7 @@
 """Encoding a corpus split into token shards (`DIR/{bytes,bpe}/{train,val}/`).
 
 Bytes need no work beyond a copy into uint16 (with the EOS id 256 after each document).
-BPE documents are encoded in batches of about 8 MB with `encode_batch`, which runs on
+BPE documents are encoded in batches of about 2 MB with `encode_batch`, which runs on
 every core (the Rust side of `tokenizers` is multi-threaded). Documents that are not valid
 UTF-8 are skipped by the BPE arm (the byte arm keeps them); meta.json counts them.
 """
@@ -20,7 +20,7 @@ from bytelm.errors import UserError
 from bytelm.shards import DEFAULT_SHARD_TOKENS, ShardWriter, iter_documents, read_meta, sha256_file, token_dtype
 from bytelm.tokenizers import BPETokenizer, Tokenizer
 
-BATCH_BYTES = 8 << 20
+BATCH_BYTES = 2 << 20  # HF Encoding objects cost ~150 bytes per token: keep batches small
 
 
 def shards_key(corpus_split: Path, tokenizer_sha256: str | None, shard_tokens: int) -> str:

@@ -18,7 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def bytelm(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # One torch thread per process: under `pytest -n 2` two threads per process oversubscribe
+    # the 2 cores, and small CPU matmuls then spin (measured: a smoke eval 16 s -> 2.4 s).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "bytelm", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, f"bytelm {' '.join(args)} failed:\n{r.stderr[-3000:]}"
     return r
@@ -82,5 +85,6 @@ def test_induction_smoke_sweep_end_to_end(tmp_path):
     with open(other / "bpe" / "tokenizer.json", "a") as f:
         f.write("\n")
     r = subprocess.run([sys.executable, "-m", "bytelm", "synth", "eval", "--task", "induction", "--checkpoint",
-                        str(sweep / "runs" / "n2-s0"), "--data", str(other)], cwd=tmp_path, capture_output=True, text=True)
+                        str(sweep / "runs" / "n2-s0"), "--data", str(other)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "the model's BPE is not" in r.stderr
