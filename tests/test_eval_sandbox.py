@@ -240,7 +240,12 @@ def test_background_processes_do_not_survive_their_program(ex):
 
 
 def test_a_forked_copy_cannot_double_report(ex):
-    r = run(ex, "import os\nos.fork()\n" + RIGHT, SQUARE_TESTS)
+    """The child defines a right solution and reports first; the parent waits for it,
+    then fails. Two verdicts on the pipe are an error, never a pass. (A copy that is
+    still running when the main process exits is killed before it can report.)"""
+    program = ("import os\npid = os.fork()\nif pid == 0:\n" + "".join("    " + l + "\n" for l in RIGHT.splitlines())
+               + "else:\n    os.waitpid(pid, 0)\n" + "".join("    " + l + "\n" for l in WRONG.splitlines()))
+    r = run(ex, program, SQUARE_TESTS)
     assert r.status == "error" and "more than one verdict" in r.reason, r
 
 
