@@ -46,9 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
-from bytelm.config import load_config, to_dict
+from bytelm.config import load_config, read_yaml_mapping, to_dict
 from bytelm.errors import UserError
 from bytelm.fileio import write_json
 
@@ -93,14 +91,7 @@ class SweepSpec:
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep spec {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep spec {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"sweep spec {path} must hold a mapping")
+    raw = read_yaml_mapping(path, "sweep spec")
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise UserError(f"sweep spec {path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
