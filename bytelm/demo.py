@@ -8,7 +8,7 @@ It runs exactly the commands a user would type (README), in order:
 
 and ends by printing where the MLflow store is and the `mlflow ui` command to look at it.
 Models this small learn little: pass@k is zero and the speedups are those of barely
-trained heads. The demo shows the machinery; docs/results/ shows what it finds at scale.
+trained heads. The demo shows the machinery; the GPU studies (docs/results/) show what it finds at scale.
 """
 
 from __future__ import annotations
@@ -59,6 +59,6 @@ def main(args: argparse.Namespace) -> int:
         f"  run folders:  {out / 'smoke'}\n"
         f"  MLflow store: {uri}\n"
         f"  look at it:   .venv/bin/mlflow ui --backend-store-uri {uri}\n"
-        "Models this small learn little (pass@k is 0 at this size); docs/results/ has the GPU studies."
+        "Models this small learn little (pass@k is 0 at this size); the GPU studies go in docs/results/."
     )
     return 0
