@@ -21,7 +21,7 @@ PAPER_DATA = {"bytes": "313B bytes (0.5 ep)", "bpe": "200B tok (0.8 ep)"}
 def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str) -> str:
     pm = pass_metrics(runs)
     temps = sorted({t for t in pm["temp"] if t != "best"})
-    # logged by the sweep's eval stage (eval/n_samples); the eval.n_samples param is only the config's default
+    # logged by `bytelm eval` (eval/n_samples); the eval.n_samples param is only the config's default
     n_samples = sorted({int(v) for c in runs.columns if c.endswith("n_samples") and not c.startswith("params.")
                         for v in runs[c].dropna()})
     parts = []

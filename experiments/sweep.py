@@ -518,8 +518,6 @@ class SweepRunner:
                 if plan.train_flops is not None:
                     planned["plan/train_flops"] = plan.train_flops
                 log_to_run(run_dir, planned, step=plan.steps)
-            if stage == "eval":  # for the report's caption: samples per problem of each pass@k
-                log_to_run(run_dir, {"eval/n_samples": int(self.spec.eval.get("n_samples", 200))}, step=plan.steps)
         if self.use_mlflow and result.error is None and any(v == "finished" for v in result.stages.values()):
             from bytelm.tracking import mlflow_client, read_mlflow_json, set_mlflow_status
 

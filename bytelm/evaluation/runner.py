@@ -314,6 +314,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
                 "stop": list(TASKS[task].stop), "by_temperature": per_t, "best": {str(k): v for k, v in best.items()},
             }
         summary["sandbox"] = ex.isolation
+    metrics["eval/n_samples"] = s.n_samples  # samples per problem and temperature, for the report's caption
     summary.update(metrics=metrics, generation_s=round(sampler.seconds, 2),
                    total_s=round(time.perf_counter() - t_start, 2), results_file=results_path(out).name)
     write_outputs(out, summary, records)
