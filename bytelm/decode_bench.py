@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from bytelm.errors import UserError
 from bytelm.fileio import write_json
-from bytelm.generate import ATTENTION_BACKENDS, Decoder, Generation, encode_prompt
+from bytelm.generate import ATTENTION_BACKENDS, Decoder, Generation, cast_for_inference, encode_prompt
 from bytelm.model import MTPTransformer
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import Tokenizer
@@ -148,15 +148,6 @@ def select_prompts(docs: list[bytes], n: int, length: int | None, keep_short: bo
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def prepare_model(model: MTPTransformer, dtype: torch.dtype) -> MTPTransformer:
-    """The model in the benchmark dtype; the rotary tables stay float32 (bf16 angles
-    would be off by whole degrees at large positions)."""
-    cos, sin = model.rope_cos, model.rope_sin
-    model = model.to(dtype)
-    model.rope_cos, model.rope_sin = cos, sin
-    return model
 
 
 @torch.inference_mode()
@@ -306,7 +297,7 @@ def main(args) -> int:
     heads = heads_to_run(args.heads, model.n_future)
     if args.cuda_graphs and device != "cuda":
         raise UserError("--cuda-graphs needs --device cuda")
-    model = prepare_model(model, getattr(torch, dtype_name))
+    model = cast_for_inference(model, getattr(torch, dtype_name))
 
     prompt_len = args.prompt_len or min(1024, context // 2)
     if prompt_len >= context - 1:

@@ -533,6 +533,15 @@ class Decoder:
 # ----------------------------------------------------------------------------- text API
 
 
+def cast_for_inference(model: MTPTransformer, dtype: torch.dtype) -> MTPTransformer:
+    """The model's weights in dtype (bfloat16 on a GPU); the rotary tables stay float32
+    (bf16 angles would be off by whole degrees at large positions)."""
+    cos, sin = model.rope_cos, model.rope_sin
+    model = model.to(dtype)
+    model.rope_cos, model.rope_sin = cos, sin
+    return model
+
+
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """A prompt as the model sees it: the start of a document, i.e. after an EOS."""
     return [tokenizer.eos_id] + list(tokenizer.encode(text))

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=1, help="decode with k heads: self-speculative sampling, same distribution")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights while sampling (auto: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--max-problems", type=int, default=0, help="only the first M problems of each task (0 = all)")
     p.add_argument("--timeout", type=float, help="wall-clock seconds per program (eval.timeout_s)")
     p.add_argument("--workers", type=int, help="programs run at once (eval.workers; 0 = every core)")
@@ -68,7 +70,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         top_p=pick(args.top_p, eval_cfg.top_p),
         batch_size=pick(args.batch_size, eval_cfg.batch_size),
         max_new_tokens=pick(args.max_new_tokens, eval_cfg.max_new_tokens),
-        heads=args.heads, seed=args.seed, device=args.device,
+        heads=args.heads, seed=args.seed, device=args.device, dtype=args.dtype,
     )
     checks = [
         (s.n_samples >= 1, "--n-samples must be >= 1"),

@@ -57,6 +57,7 @@ class EvalSettings:
     heads: int = 1  # > 1: self-speculative sampling with heads 2..k (the same distribution)
     seed: int = 0
     device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
 
 
 def problems_of(task: str, s: EvalSettings) -> list[Problem]:
@@ -223,12 +224,14 @@ def temperature_name(t: float) -> str:
 
 @dataclass
 class _Sampler:
-    """One checkpoint's generation settings (see run_checkpoint)."""
+    """One checkpoint's generation: a Decoder per (task, temperature), reused for every
+    chunk of prompts, so on a GPU its CUDA graphs are captured once (see run_checkpoint)."""
 
     model: "MTPTransformer"
     tokenizer: "Tokenizer"
     s: EvalSettings
-    seconds: float = 0.0  # spent in generate()
+    cuda_graphs: bool = False
+    seconds: float = 0.0  # spent generating
 
     def too_long(self, problems: list[Problem]) -> set[str]:
         """Ids of the problems whose prompt does not fit the model's context."""
@@ -239,25 +242,37 @@ class _Sampler:
     def sample_and_run(self, ex: Executor, task: str, problems: list[Problem], temp: float, temp_index: int) -> list[dict]:
         """n completions per problem at one temperature, each run in the sandbox; one
         record per sample. Prompts longer than the context score 0 (they are not dropped)."""
-        from bytelm.generate import generate
+        from bytelm.generate import Decoder, cut_at_stop, encode_prompt
+        from bytelm.speculative import Sampling
 
         s, n, spec = self.s, self.s.n_samples, TASKS[task]
         budget = s.max_new_tokens or max_new_tokens(spec, self.tokenizer.kind)
         long = self.too_long(problems)
         fits = [p for p in problems if p.task_id not in long]
-        per_call = max(1, (4 * s.batch_size) // n)  # enough rows to keep the batch full as rows finish
-        chunks = [fits[i:i + per_call] for i in range(0, len(fits), per_call)]
+        ids = {p.task_id: encode_prompt(self.tokenizer, p.prompt) for p in fits}
         pending = []  # (problem, sample index, completion, future)
-        for ci, chunk in enumerate(tqdm(chunks, desc=f"{task} t={temp:g} generate", leave=False)):
+        if fits:
             t0 = time.perf_counter()
-            completions = generate(
-                self.model, self.tokenizer, [p.prompt for p in chunk for _ in range(n)], max_new_tokens=budget,
-                temperature=temp, top_p=s.top_p, stop=list(spec.stop), heads=s.heads,
-                seed=s.seed + zlib.crc32(f"{task}/{temp_index}/{ci}".encode()), batch_size=s.batch_size,
+            longest = max(len(v) for v in ids.values())
+            decoder = Decoder(
+                self.model, heads=s.heads, batch_size=min(s.batch_size, n * len(fits)),
+                max_len=min(self.model.cfg.context, longest + budget + s.heads),
+                sampling=Sampling(temp, s.top_p), cuda_graphs=self.cuda_graphs,
             )
             self.seconds += time.perf_counter() - t0
-            for j, c in enumerate(completions):  # programs run while the next chunk generates
-                pending.append((chunk[j // n], j % n, c, ex.submit(chunk[j // n].job(c))))
+            per_call = max(1, (4 * s.batch_size) // n)  # enough rows to keep the batch full as rows finish
+            chunks = [fits[i:i + per_call] for i in range(0, len(fits), per_call)]
+            for ci, chunk in enumerate(tqdm(chunks, desc=f"{task} t={temp:g} generate", leave=False)):
+                t0 = time.perf_counter()
+                gen = decoder.run(
+                    [ids[p.task_id] for p in chunk for _ in range(n)], budget, tokenizer=self.tokenizer,
+                    stop=list(spec.stop), seed=s.seed + zlib.crc32(f"{task}/{temp_index}/{ci}".encode()),
+                )
+                self.seconds += time.perf_counter() - t0
+                for j, t in enumerate(gen.tokens):  # programs run while the next chunk generates
+                    c = cut_at_stop(self.tokenizer.decode(t), spec.stop)
+                    pending.append((chunk[j // n], j % n, c, ex.submit(chunk[j // n].job(c))))
+            del decoder
         records = []
         for p, i, c, future in pending:
             r = future.result()
@@ -280,15 +295,22 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     from bytelm.checkpoint import load_model, run_dir_of
     from bytelm.tracking import log_to_run
 
+    from bytelm.generate import cast_for_inference
+
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_model(checkpoint, device=device)
-    sampler = _Sampler(model, tokenizer, s)
+    dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    model = cast_for_inference(model, getattr(torch, dtype))
+    # On a GPU the decoding step is replayed from CUDA graphs: a small model's eager step
+    # is bound by kernel launches (docs/decoding.md), which would dominate the eval's time.
+    sampler = _Sampler(model, tokenizer, s, cuda_graphs=device == "cuda")
     run_dir = run_dir_of(checkpoint)
     out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
     metrics: dict[str, float] = {}
     summary: dict = {
         "checkpoint": str(checkpoint), "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
-        "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "tasks": {},
+        "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "device": device,
+        "dtype": dtype, "cuda_graphs": sampler.cuda_graphs, "tasks": {},
     }
     records: list[dict] = []
     t_start = time.perf_counter()
