@@ -29,7 +29,7 @@ import torch
 from tabulate import tabulate
 
 from bytelm.config import ModelConfig
-from bytelm.generate import Decoder
+from bytelm.generate import Decoder, cast_for_inference
 from bytelm.model import MTPTransformer
 
 PRESETS = {
@@ -42,11 +42,7 @@ CHUNK = 16
 
 def build(preset: str, cache: int, dtype: torch.dtype, device: str) -> MTPTransformer:
     cfg = ModelConfig(context=cache, **PRESETS[preset])
-    model = MTPTransformer(cfg).eval()
-    cos, sin = model.rope_cos, model.rope_sin
-    model = model.to(device=device, dtype=dtype)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # rotary tables stay float32
-    return model
+    return cast_for_inference(MTPTransformer(cfg).eval().to(device), dtype)
 
 
 def time_steps(dec: Decoder, b: int, start: int, chunks: int, readback: bool) -> float:

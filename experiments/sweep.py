@@ -41,6 +41,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -329,7 +330,8 @@ def _fmt(xs) -> str:
     return ",".join(str(x) for x in (xs if isinstance(xs, list) else [xs]))
 
 
-def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_id: str | None, use_mlflow: bool) -> dict[str, list[str]]:
+def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_id: str | None,
+                   use_mlflow: bool) -> dict[str, list[list[str]]]:
     bytelm = [sys.executable, "-m", "bytelm"]
     tracking = [f"tracking.experiment={spec.experiment}", f"tracking.run_name={plan.name}",
                 f"tracking.mlflow={'true' if use_mlflow else 'false'}"]
@@ -360,8 +362,11 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
             bench += ["--heads", _fmt([h for h in b["heads"] if h <= plan.n_future] or [1])]
         if "max_new" in b:
             bench += ["--max-new", str(b["max_new"])]
-        cmds["bench"] = [*bench, *map(str, b.get("args", []))]
-    return {s: cmds[s] for s in STAGES if s in cmds}
+        # one benchmark per prompt set (the paper's code vs text comparison), each its own JSON
+        cmds["bench"] = [[*bench, "--prompts", str(p), *map(str, b.get("args", []))]
+                         for p in (b["prompts"] if isinstance(b.get("prompts"), list) else [b.get("prompts", "code")])]
+    # each stage is a list of commands, run in turn
+    return {s: cmds[s] if s == "bench" else [cmds[s]] for s in STAGES if s in cmds}
 
 
 def _train_status(run_dir: Path) -> str | None:
@@ -398,8 +403,9 @@ class RunResult:
 
 class SweepRunner:
     def __init__(self, spec: SweepSpec, plans: list[RunPlan], out: Path, devices: list[str], use_mlflow: bool,
-                 uri: str | None) -> None:
+                 uri: str | None, stages: list[str] | None = None) -> None:
         self.spec, self.plans, self.out, self.devices = spec, plans, out, devices
+        self.stages = stages or spec.stages  # the spec's stages this invocation runs (--stages)
         self.use_mlflow, self.uri = use_mlflow, uri
         self.parent_run_id: str | None = None
 
@@ -471,7 +477,7 @@ class SweepRunner:
 
         run_dir = self.run_dir(plan)
         run_dir.mkdir(parents=True, exist_ok=True)
-        result = RunResult(plan.name, {s: "not run" for s in self.spec.stages})
+        result = RunResult(plan.name, {s: "not run" for s in self.stages})
         began = time.time()
         if self.use_mlflow:
             self.adopt_offline_run(run_dir)
@@ -479,17 +485,28 @@ class SweepRunner:
         env = {**os.environ, **_device_env(device)}
         if self.uri:
             env["MLFLOW_TRACKING_URI"] = self.uri
-        for stage, cmd in cmds.items():
+        if "train" not in self.stages and _train_status(run_dir) is None:
+            # --stages without train: later stages need a trained (finished or stopped) run
+            log(f"{plan.name}: not trained yet; {', '.join(self.stages)} not run")
+            result.seconds = time.time() - began
+            return result
+        for stage, stage_cmds in cmds.items():
+            if stage not in self.stages:
+                continue
             if stage_done(run_dir, stage):
                 result.stages[stage] = "skipped"
                 continue
             log_path = run_dir / "logs" / f"{stage}.log"
             log_path.parent.mkdir(exist_ok=True)
             t0 = time.time()
+            rc = 0
             with open(log_path, "a") as f:
-                f.write(f"\n$ {' '.join(cmd)}\n")
-                f.flush()
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+                for cmd in stage_cmds:
+                    f.write(f"\n$ {' '.join(cmd)}\n")
+                    f.flush()
+                    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+                    if rc != 0:
+                        break
             seconds = time.time() - t0
             if rc != 0:
                 result.stages[stage] = "failed"
@@ -539,9 +556,16 @@ class SweepRunner:
         for d in self.devices:
             free.put(d)
         bar = tqdm(total=len(self.plans), desc=f"sweep {self.spec.name}", unit="run", dynamic_ncols=True)
+        # Runs take devices in plan order (the first runs get the devices in the order
+        # listed), so a spec that lists slots decides which runs share a GPU.
+        turn, turn_cv = [0], threading.Condition()
 
-        def job(plan: RunPlan) -> RunResult:
-            device = free.get()
+        def job(index: int, plan: RunPlan) -> RunResult:
+            with turn_cv:
+                turn_cv.wait_for(lambda: turn[0] == index)
+                device = free.get()
+                turn[0] += 1
+                turn_cv.notify_all()
             try:
                 return self.run_one(plan, device, bar.write)
             except Exception as e:  # the runner's own trouble (e.g. MLflow) fails this run only
@@ -552,7 +576,7 @@ class SweepRunner:
                 bar.update(1)
 
         with ThreadPoolExecutor(max_workers=len(self.devices)) as pool:
-            results = list(pool.map(job, self.plans))
+            results = list(pool.map(job, range(len(self.plans)), self.plans))
         bar.close()
         write_json(self.out / "summary.json", {"sweep": self.spec.name, "parent_run_id": self.parent_run_id,
                                                "runs": [asdict(r) for r in results]})
@@ -603,14 +627,16 @@ def print_plan(spec: SweepSpec, plans: list[RunPlan], devices: list[str], out: P
           f"devices {', '.join(devices)}")
     print(tabulate(rows, headers=["run", "vocab", "n", "head", "steps", "params", "train bytes", "train FLOPs", "train min"]))
     total = sum(p.train_flops or 0 for p in plans)
-    wall = total / rate / 60 / len(devices)
-    print(f"total training FLOPs {_human(total)}; training time about {wall:.1f} min on {len(devices)} device(s), "
+    n_dev = len(set(devices))  # a GPU listed twice runs two configurations at once, at no more FLOP/s
+    wall = total / rate / 60 / n_dev
+    print(f"total training FLOPs {_human(total)}; training time about {wall:.1f} min on {n_dev} device(s), "
           f"at {_human(rate)}FLOP/s per device from {how}; eval and bench not included")
     if plans:
         cmds = stage_commands(spec, plans[0], out / "runs" / plans[0].name, parent_run_id="<parent>", use_mlflow=use_mlflow)
         print("commands of the first run:")
-        for cmd in cmds.values():
-            print("  bytelm " + " ".join(cmd[3:]))
+        for stage_cmds in cmds.values():
+            for cmd in stage_cmds:
+                print("  bytelm " + " ".join(cmd[3:]))
 
 
 def print_summary(results: list[RunResult], out: Path) -> None:
@@ -628,12 +654,22 @@ def print_summary(results: list[RunResult], out: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+def parse_stages(text: str, spec: SweepSpec) -> list[str]:
+    asked = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in asked if x not in spec.stages]
+    if bad or not asked:
+        raise UserError(f"--stages {text!r}: the spec {spec.name} has the stages {', '.join(spec.stages)}")
+    return [x for x in spec.stages if x in asked]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", type=Path, help="sweep spec YAML (experiments/sweeps/*.yaml)")
     p.add_argument("--out", type=Path, help="sweep folder (default runs/<spec name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--devices", help="cpu, or cuda:0,cuda:1,... (default: the spec's, else auto)")
     p.add_argument("--only", metavar="GLOB", help="run only the configurations whose name matches")
+    p.add_argument("--stages", help="run only these of the spec's stages, comma-separated (e.g. train, then eval,bench "
+                                    "later: a run stopped at its time limit is evaluated at its last checkpoint)")
     p.add_argument("--no-mlflow", action="store_true", help="run dirs only; a later sweep run with MLflow imports them")
     p.add_argument("--dry-run", action="store_true", help="print the plan (configs, FLOPs, time) and exit")
 
@@ -656,6 +692,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(spec, plans, devices, out, use_mlflow, uri)
         return 0
-    results = SweepRunner(spec, plans, out.resolve(), devices, use_mlflow, uri if use_mlflow else None).run()
+    stages = parse_stages(args.stages, spec) if args.stages else None
+    results = SweepRunner(spec, plans, out.resolve(), devices, use_mlflow, uri if use_mlflow else None, stages).run()
     print_summary(results, out)
     return 1 if any(r.error for r in results) else 0

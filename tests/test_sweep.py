@@ -200,3 +200,30 @@ def test_offline_sweep_then_one_import_of_the_whole_folder(smoke_data, tmp_path)
     child = children[0]
     assert child.info.status == "FINISHED" and child.data.tags["grid.vocab"] == "bytes"
     assert "val/bpb" in child.data.metrics and "plan/steps" in child.data.metrics
+
+
+def test_stages_in_separate_calls_and_a_bench_per_prompt_set(smoke_data, tmp_path):
+    """`--stages train` then `--stages bench`, as a GPU session splits a study into calls;
+    the bench stage runs once per prompt set. An untrained run is left alone."""
+    spec = write_spec(tmp_path / "s.yaml", stages=["train", "bench"],
+                      bench={"heads": [1, 4], "batch_sizes": [2], "prompts": ["code", "stories"],
+                             "args": ["--n-prompts", "2", "--max-new", "4", "--prompt-len", "16"]})
+    base, uri = ["--set", f"data.root={smoke_data}", "--no-mlflow"], f"sqlite:///{tmp_path / 'unused.db'}"
+    r = run_sweep(spec, tmp_path, uri, *base, "--only", "bytes-n4*", "--stages", "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not trained yet" in r.stdout + r.stderr
+    run_dir = tmp_path / "out" / "runs" / "bytes-n4-unembed-s0"
+    assert not (run_dir / "bench").exists()
+
+    r = run_sweep(spec, tmp_path, uri, *base, "--only", "bytes-n4*", "--stages", "train")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (run_dir / "stages" / "train.json").is_file() and not (run_dir / "bench").exists()
+    r = run_sweep(spec, tmp_path, uri, *base, "--only", "bytes-n4*", "--stages", "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for prompts in ("code", "stories"):
+        rows = json.loads((run_dir / "bench" / f"decode_{prompts}_cpu_float32.json").read_text())["rows"]
+        assert [(x["heads_used"], x["batch_size"]) for x in rows] == [(1, 2), (4, 2)]
+        assert all(x["mismatched_sequences"] == 0 for x in rows)
+    assert json.loads((run_dir / "stages" / "bench.json").read_text())["status"] == "finished"
+    r = run_sweep(spec, tmp_path, uri, *base, "--only", "bytes-n4*", "--stages", "eval")
+    assert r.returncode == 2 and "the spec t has the stages train, bench" in r.stderr

@@ -1,0 +1,10 @@
+# Sourced by the session scripts beside it, on a bare GPU machine without MLflow or
+# internet: installs the carried wheels (.whl: omegaconf and antlr4, which the machine
+# lacks) and points the suite at the carried benchmark data (.shared_data).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD BYTELM_DATA_DIR=$PWD/.shared_data PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+export OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+bytelm() { python3 -m bytelm "$@"; }
+# the run folders without their checkpoints (what comes back from the machine)
+pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --exclude='*.results.jsonl' "$@"; }
