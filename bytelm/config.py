@@ -24,6 +24,7 @@ from bytelm.fileio import write_text
 
 HEAD_TYPES = ("transformer", "linear", "unembed")
 TOKENIZERS = ("bytes", "bpe")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -73,6 +74,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     compile: str = "auto"  # auto (on GPU) | true | false
+    # Several processes (torchrun): ddp = every process holds the whole model and
+    # gradients are all-reduced; fsdp = FSDP2 (torch.distributed.fsdp.fully_shard) shards
+    # parameters, gradients and optimizer state over the processes (one unit per
+    # transformer block, plus the rest). Same global batch, data order and losses either
+    # way; a single process ignores it.
+    parallel: str = "ddp"  # ddp | fsdp
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -259,6 +266,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.dtype in ("auto", "float32", "bfloat16"), "train.dtype", "must be auto, float32 or bfloat16")
     t.compile = str(t.compile).lower()  # YAML reads `true` as a bool; the field is a string
     _require(t.compile in ("auto", "true", "false"), "train.compile", "must be auto, true or false")
+    _require(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_last", "eval_batches"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
     _require(e.n_samples >= 1, "eval.n_samples", "must be >= 1")

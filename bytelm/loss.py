@@ -65,10 +65,10 @@ def head_groups(n: int, vocab: int) -> list[tuple[int, int]]:
 
 
 def _group_loss(model: MTPTransformer, a: int, b: int, z: torch.Tensor, y: torch.Tensor, compiled: bool):
-    """Mean CE of heads a..b-1, as a (b-a,) tensor."""
-    h, unembedding = model.heads.group(a, b, z, model.rope(z.shape[1]))
+    """Mean CE of heads a..b-1, as a (b-a,) tensor. (Through `model.head_group`, so that
+    under FSDP the parameters it reads are gathered: see MTPTransformer.head_group.)"""
     targets = y[..., a:b].reshape(-1)
-    nll = _nll_fn(compiled)(h, model.norm.weight, model.norm.eps, unembedding, model.cfg.vocab_size, targets)
+    nll = model.head_group(a, b, z, _nll_fn(compiled), model.cfg.vocab_size, targets)
     counts = (targets != IGNORE).view(-1, b - a).sum(0).clamp(min=1)
     return nll.view(-1, b - a).sum(0) / counts
 

@@ -319,6 +319,16 @@ class MTPTransformer(nn.Module):
         head_cache = cache.heads[i] if cache is not None and cache.heads is not None else None
         return self.heads.unembed(i, self.norm(self.heads.hidden(i, z, rope, head_cache)))
 
+    def head_group(self, a: int, b: int, z: torch.Tensor, fn, *args):
+        """fn(h, final-norm weight, norm eps, unembedding, *args) for heads a..b-1 at
+        once, where (h, unembedding) is `Heads.group` on z: the loss's fused
+        norm → unembedding → cross-entropy (bytelm/loss.py). A method of the model, so that
+        every parameter the loss touches is used inside one of the model's own methods:
+        under FSDP (bytelm/train.py) `trunk`, `head_group` and `head_logits` are
+        registered as forward methods, around which the parameters are all-gathered."""
+        h, unembedding = self.heads.group(a, b, z, self.rope(z.shape[1]))
+        return fn(h, self.norm.weight, self.norm.eps, unembedding, *args)
+
     def forward(self, idx: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
         """Logits (B, T, k, V) of the first k = n_heads heads (default all), no cache."""
         k = self.n_future if n_heads is None else n_heads

@@ -9,11 +9,15 @@ seed and s, so resuming needs only the step). On CPU in float32 a run killed wit
 and restarted produces the same losses as one that was never interrupted
 (tests/test_train.py).
 
-Several GPUs: data parallel over torchrun's processes. Gradients are averaged with one
-all-reduce per optimizer step (after gradient accumulation and after every head's
-separate backward of the memory-efficient loss — which is why this is not
-DistributedDataParallel: DDP's hooks expect one backward per forward). The global batch
-and the data order do not depend on the number of GPUs.
+Several GPUs: data parallel over torchrun's processes. `train.parallel=ddp` (default):
+every process holds the whole model and gradients are averaged with one all-reduce per
+optimizer step (after gradient accumulation and after every head's separate backward of
+the memory-efficient loss — which is why this is not DistributedDataParallel: DDP's hooks
+expect one backward per forward). `train.parallel=fsdp`: FSDP2 (`fully_shard`) shards
+parameters, gradients and optimizer state; it reduce-scatters the gradients itself, and
+checkpoints are gathered into the same unsharded files a single process writes, so a run
+can resume under either. The global batch and the data order do not depend on the number
+of GPUs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from bytelm import checkpoint as ckpt
 from bytelm.config import RunConfig, load_config, save_config, to_dict
@@ -121,6 +126,85 @@ def make_optimizer(model: MTPTransformer, cfg: RunConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=device.type == "cuda")
 
 
+# The model's methods the loss and the evaluation call instead of its forward: under FSDP
+# they are registered as forward methods, so that the root's parameters (embedding,
+# unembedding(s), final norm, linear heads' maps) are all-gathered around them.
+FSDP_FORWARD_METHODS = ("trunk", "head_group", "head_logits")
+
+
+def shard_model(model: MTPTransformer, device: torch.device, world: int) -> None:
+    """FSDP2 in place: each transformer block (trunk and heads) is one unit, the root
+    holds the rest. No MixedPrecisionPolicy: parameters are gathered in float32 and the
+    bf16 autocast of the loop does the casting, exactly as without FSDP; gradients are
+    reduce-scattered (averaged) in float32.
+
+    The memory-efficient loss runs one backward per head group before the trunk's, and
+    FSDP forgets its forward order after each backward, so the trunk's backward would
+    gather each block only when it is reached: each trunk block prefetches the one
+    before it explicitly."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in list(model.blocks) + list(getattr(model.heads, "blocks", [])):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for later, earlier in zip(model.blocks[1:], model.blocks[:-1]):
+        later.set_modules_to_backward_prefetch([earlier])
+    for name in FSDP_FORWARD_METHODS:
+        register_fsdp_forward_method(model, name)
+
+
+def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order `optimizer.state_dict()` numbers the parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
+    """Under FSDP: the whole (unsharded) model and optimizer state on the CPU of rank 0,
+    empty dicts on the other ranks. A collective: every rank calls it. The optimizer state
+    is numbered as a single process's `optimizer.state_dict()` numbers it, so the
+    checkpoint is the one a single process writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not optim_sd:
+        return model_sd, optim_sd
+    index = {n: i for i, n in enumerate(names)}
+    return model_sd, {"state": {index[n]: s for n, s in optim_sd["state"].items()},
+                      "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, names: list[str]) -> None:
+    """Under FSDP: loads a full (single-process layout) optimizer state dict, sharding it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+class _Gathered:
+    """Stands for a sharded model or optimizer in `ckpt.save_checkpoint`: its full state
+    dict, gathered beforehand by `full_state_dicts`."""
+
+    def __init__(self, state_dict: dict):
+        self._state_dict = state_dict
+
+    def state_dict(self) -> dict:
+        return self._state_dict
+
+
+def rank0_says(flag: bool, device: torch.device) -> bool:
+    """Rank 0's value of `flag`, on every rank (for decisions every rank must share)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
 def all_reduce_grads(model: MTPTransformer, world: int) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
@@ -140,10 +224,13 @@ def open_data(cfg: RunConfig) -> tuple[ShardDataset, ShardDataset]:
     return ShardDataset(root / "train"), ShardDataset(root / "val")
 
 
-def optimizer_step(model, optimizer, x_all, y_all, weights, micro, loss_mode, grad_clip, autocast, world=1, compiled=False):
+def optimizer_step(model, optimizer, x_all, y_all, weights, micro, loss_mode, grad_clip, autocast, world=1, compiled=False,
+                   sharded=False):
     """One optimizer step over this rank's share of the global batch, in micro-batches
     of `micro` sequences. Returns (loss, per-head losses, gradient norm before clipping).
-    A non-finite gradient skips the update (the caller stops the run)."""
+    A non-finite gradient skips the update (the caller stops the run). `sharded`: the
+    model is FSDP's, which reduce-scatters the gradients itself (into sharded DTensor
+    gradients, whose norm is the whole model's)."""
     accum = len(x_all) // micro
     device = next(model.parameters()).device
     losses = []
@@ -151,9 +238,10 @@ def optimizer_step(model, optimizer, x_all, y_all, weights, micro, loss_mode, gr
         x = x_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
         y = y_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
         losses.append(loss_and_backward(model, x, y, weights, loss_mode, 1.0 / accum, autocast() if autocast else None, compiled))
-    if world > 1:
+    if world > 1 and not sharded:
         all_reduce_grads(model, world)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a DTensor under FSDP
     total = sum(l.total for l in losses) / accum
     per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(weights))]
     if world > 1:  # the logged loss is that of the global batch, not of this rank's share
@@ -210,21 +298,30 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
 
     torch.manual_seed(t.seed)
     model = MTPTransformer(m).to(device)
+    if start:  # the full weights, into every rank's full model (sharded below under FSDP)
+        ckpt.load_weights(model, start[-1])
+    compiled = t.compile == "true" or (t.compile == "auto" and device.type == "cuda")
+    if compiled:
+        compile_model(model)
+    fsdp = t.parallel == "fsdp" and d.world > 1
+    if fsdp:
+        shard_model(model, device, d.world)
     optimizer = make_optimizer(model, cfg, device)
+    names = param_names(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     state = {"step": 0, "best_val_bpb": float("inf"), "tokens_seen": 0, "bytes_seen": 0}
     if start:
-        ckpt.load_weights(model, start[-1])
-        opt_state = torch.load(start[-1] / "optim.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(opt_state["optimizer"])
+        # Under FSDP the full state stays on the CPU until it is sharded onto the GPU.
+        opt_state = torch.load(start[-1] / "optim.pt", map_location="cpu" if fsdp else device, weights_only=False)
+        if fsdp:
+            load_full_optimizer_state(model, optimizer, opt_state["optimizer"], names)
+        else:
+            optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
         ckpt.set_rng_state(torch.load(start[-1] / "rng.pt", weights_only=False))
         state.update(ckpt.read_state(start[-1]))
         state.pop("tokenizer", None)
     autocast = autocast_for(cfg, device)
-    compiled = t.compile == "true" or (t.compile == "auto" and device.type == "cuda")
-    if compiled:
-        compile_model(model)
 
     counts = model.param_counts()
     flops_tok = model.flops_per_token(m.context)
@@ -248,7 +345,14 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                                    "model/flops_per_token_head1": model.flops_per_token(m.context, n_heads=1)}, step=0)
 
     def save(name: str) -> None:
-        ckpt.save_checkpoint(run_dir, name, model, cfg, tok, state, optimizer, scheduler)
+        """Called by every rank; rank 0 writes. Under FSDP every rank takes part in
+        gathering the full state first."""
+        if fsdp:
+            model_sd, optim_sd = full_state_dicts(model, optimizer, names)
+            if d.main:
+                ckpt.save_checkpoint(run_dir, name, _Gathered(model_sd), cfg, tok, state, _Gathered(optim_sd), scheduler)
+        elif d.main:
+            ckpt.save_checkpoint(run_dir, name, model, cfg, tok, state, optimizer, scheduler)
 
     from tqdm import tqdm
 
@@ -263,7 +367,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
             step = state["step"]
             x_all, y_all = train_ds.batch(step, m.context, m.n_future, t.batch_size, t.seed, d.rank, d.world)
             total, per_head, grad_norm = optimizer_step(model, optimizer, x_all, y_all, weights, micro, t.loss_mode,
-                                                        t.grad_clip, autocast, d.world, compiled)
+                                                        t.grad_clip, autocast, d.world, compiled, sharded=fsdp)
             if not math.isfinite(total) or not math.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite loss ({total}) or gradient norm ({grad_norm}) at step {step}")
             scheduler.step()
@@ -303,16 +407,22 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
 
             done = state["step"] == t.steps
             out_of_time = t.time_limit_s > 0 and time.time() - began > t.time_limit_s
+            if t.time_limit_s > 0 and d.world > 1:  # every rank stops at the same step
+                out_of_time = rank0_says(out_of_time, device)
             if state["step"] % t.eval_every == 0 or done or out_of_time:
                 metrics = evaluate(model, val_ds, cfg, device, autocast, micro)
                 if d.main:
                     tracker.log_metrics(metrics, state["step"])
-                    if metrics["val/bpb"] < state["best_val_bpb"]:
-                        state["best_val_bpb"] = metrics["val/bpb"]
-                        save("best")
-            if d.main and (state["step"] % t.checkpoint_every == 0 or done or out_of_time):
+                better = metrics["val/bpb"] < state["best_val_bpb"]
+                if fsdp:  # saving is a collective there: every rank must agree
+                    better = rank0_says(better, device)
+                if better:
+                    state["best_val_bpb"] = metrics["val/bpb"]
+                    save("best")
+            if state["step"] % t.checkpoint_every == 0 or done or out_of_time:
                 save(f"step_{state['step']:07d}")
-                ckpt.prune_checkpoints(run_dir, t.keep_last)
+                if d.main:
+                    ckpt.prune_checkpoints(run_dir, t.keep_last)
             if out_of_time:
                 break
     except BaseException as e:
