@@ -32,12 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def runs_csv(runs: pd.DataFrame) -> pd.DataFrame:
     """runs.csv: identity, grid values, then every metric; config params at the end."""
-    first = ["name", "run_id", "status", "study", "vocab", "n", "head_type", "seed"]
+    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "seed"]
     grid = sorted(c for c in runs.columns if c.startswith("grid."))
     params = sorted(c for c in runs.columns if c.startswith("params."))
     skip = {"start_time", "is_parent", "parent_run_id", *first, *grid, *params}
     metrics = sorted(c for c in runs.columns if c not in skip and runs[c].notna().any())
     return runs[[c for c in first if c in runs] + grid + metrics + params + ["parent_run_id"]]
+
+
+def _step(run: pd.Series) -> str:
+    """'last of planned' steps of a run, from its metrics."""
+    last, plan = run.get("train_step"), pd.to_numeric(run.get("params.train.steps"), errors="coerce")
+    fmt = lambda x: "?" if x is None or pd.isna(x) else f"{int(x)}"  # noqa: E731
+    return f"{fmt(last)} of {fmt(plan)}"
 
 
 def build_report(experiment: str, uri: str, out: Path, include_failed: bool = False) -> tuple[Path, list[Path], pd.DataFrame]:
@@ -46,13 +53,19 @@ def build_report(experiment: str, uri: str, out: Path, include_failed: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "runs.csv", runs_csv(exp.runs).to_csv(index=False))
     files = [out / "runs.csv"]
-    done = exp.runs if include_failed else exp.runs[exp.runs["status"] == "FINISHED"]
+    # a run stopped at its time limit (train.time_limit_s) is a result at its last step: tabulated, and listed
+    stopped = exp.runs["train_status"] == "stopped"
+    done = exp.runs if include_failed else exp.runs[(exp.runs["status"] == "FINISHED") | stopped]
     left_out = exp.runs[~exp.runs["run_id"].isin(done["run_id"])]
     ctx = ReportContext(experiment, uri, out)
 
     md = [f"# Report: MLflow experiment `{experiment}`\n",
           f"Generated {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `bytelm report --experiment {experiment} "
           f"--out {out}` from the store `{uri}`; {len(done)} run(s) tabulated, one row per run in `runs.csv`.\n"]
+    if stopped.any():
+        md.append("Runs stopped at their time limit, tabulated at their last step:\n")
+        md += [f"- `{r['name']}`: step {_step(r)}" for _, r in exp.runs[stopped].iterrows()]
+        md.append("")
     if len(left_out):
         md.append("Runs left out (not FINISHED):\n")
         md += [f"- `{r['name']}`: {r['status']}" + (f" — {r['error']}" if isinstance(r["error"], str) else "")

@@ -48,6 +48,8 @@ def load_runs(experiment: str, uri: str) -> Experiment:
         "parent_run_id": raw.get("tags.mlflow.parentRunId"),
         "study": raw.get("tags.study"),
         "error": raw.get("tags.error"),
+        "train_status": raw.get("tags.bytelm.status"),  # finished, stopped (time limit), failed, killed
+        "train_step": pd.to_numeric(raw.get("tags.bytelm.step"), errors="coerce") if "tags.bytelm.step" in raw else None,
         "is_parent": raw.get("tags.sweep_parent") == "true" if "tags.sweep_parent" in raw else False,
     })
     df["study"] = df["study"].fillna("ablation")

@@ -212,9 +212,11 @@ def write_status(run_dir: Path, status: str, error: str | None = None, step: int
     write_json(Path(run_dir) / "status.json", {"status": status, "error": error, "step": step})
 
 
-def set_mlflow_status(client, run_id: str, status: str, error: str | None = None) -> None:
+def set_mlflow_status(client, run_id: str, status: str, error: str | None = None, step: int | None = None) -> None:
     if error:
         log_batched(client, run_id, tags={"error": error})
+    # the trainer's own status and step, since MLflow shows a run stopped at its time limit as KILLED
+    log_batched(client, run_id, tags={"bytelm.status": status, **({"bytelm.step": str(step)} if step is not None else {})})
     if status == "running":
         client.update_run(run_id, status="RUNNING")
     else:
@@ -303,7 +305,7 @@ class Tracker:
         if status != "running":
             self._final_status = status
         if self.client is not None:
-            set_mlflow_status(self.client, self.run_id, status, error)
+            set_mlflow_status(self.client, self.run_id, status, error, step)
 
     def close(self) -> None:
         self.client = None

@@ -97,7 +97,7 @@ def import_run_dir(run_dir: Path, experiment: str | None = None, parent_run_id: 
     status = json.loads(status_path.read_text()) if status_path.exists() else {"status": "killed", "error": None}
     # a run dir still "running" was cut off without a chance to say so
     final = status["status"] if status["status"] != "running" else "killed"
-    set_mlflow_status(client, run_id, final, status.get("error"))
+    set_mlflow_status(client, run_id, final, status.get("error"), status.get("step"))
     write_json(run_dir / "mlflow.json", {**mlflow_info, "eval_rows_logged": n_eval_rows})
     return run_id, True
 

@@ -331,7 +331,10 @@ def _fmt(xs) -> str:
 
 
 def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_id: str | None,
-                   use_mlflow: bool) -> dict[str, list[list[str]]]:
+                   use_mlflow: bool, slots: int = 1) -> dict[str, list[list[str]]]:
+    """Each stage's commands. `slots`: configurations running at once; their evaluations
+    share the machine's cores for the sandboxed programs (each takes cores // slots),
+    so that no evaluation's decoding loop starves behind another's programs."""
     bytelm = [sys.executable, "-m", "bytelm"]
     tracking = [f"tracking.experiment={spec.experiment}", f"tracking.run_name={plan.name}",
                 f"tracking.mlflow={'true' if use_mlflow else 'false'}"]
@@ -355,6 +358,8 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
                         "--n-samples", str(e.get("n_samples", 200)),
                         "--temperatures", _fmt(e.get("temperatures", [0.1, 0.2, 0.4, 0.8])),
                         "--json", str(run_dir / "eval" / "pass_at_k.json"), *map(str, e.get("args", []))]
+        if slots > 1 and "--workers" not in cmds["eval"]:
+            cmds["eval"] += ["--workers", str(max(1, (os.cpu_count() or 1) // slots))]
     if "bench" in spec.stages:
         b = spec.bench
         bench = [*bytelm, "decode-bench", "--checkpoint", str(run_dir), "--batch-sizes", _fmt(b.get("batch_sizes", [1]))]
@@ -481,7 +486,8 @@ class SweepRunner:
         began = time.time()
         if self.use_mlflow:
             self.adopt_offline_run(run_dir)
-        cmds = stage_commands(self.spec, plan, run_dir, parent_run_id=self.parent_run_id, use_mlflow=self.use_mlflow)
+        cmds = stage_commands(self.spec, plan, run_dir, parent_run_id=self.parent_run_id, use_mlflow=self.use_mlflow,
+                              slots=min(len(self.devices), len(self.plans)))
         env = {**os.environ, **_device_env(device)}
         if self.uri:
             env["MLFLOW_TRACKING_URI"] = self.uri

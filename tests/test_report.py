@@ -163,3 +163,27 @@ def test_study_tag_dispatches_to_its_section(study, tmp_path, monkeypatch):
     monkeypatch.setitem(SECTIONS, "induction-test", induction_section)
     report, _, _ = build_report("induction-test", uri, tmp_path / "b")
     assert "## Induction" in report.read_text() and "induction accuracy of 1 run(s): 0.75" in report.read_text()
+
+
+def test_a_run_stopped_at_its_time_limit_is_tabulated_and_flagged(tmp_path):
+    """MLflow shows a run stopped by train.time_limit_s as KILLED; the report still
+    tabulates it at its last step and says so, and leaves out a run that failed."""
+    from bytelm.tracking import set_mlflow_status
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(client, "stops")
+    for name, n, status, step, bpb in (("bytes-n1", 1, "finished", 300, 1.1), ("bytes-n8", 8, "stopped", 250, 1.3),
+                                       ("bytes-n16", 16, "failed", 40, 3.0)):
+        run_id = client.create_run(exp_id, run_name=name, tags={"study": "ablation", "grid.vocab": "bytes",
+                                                                "grid.n": str(n), "grid.head_type": "unembed"}).info.run_id
+        client.log_batch(run_id, metrics=[Metric("val/bpb", bpb, 0, step)], params=[Param("train.steps", "300")])
+        set_mlflow_status(client, run_id, status, "boom" if status == "failed" else None, step)
+    assert {r.info.run_name: r.info.status for r in client.search_runs([exp_id])}["bytes-n8"] == "KILLED"
+    report, _, _ = build_report("stops", uri, tmp_path / "out")
+    text = report.read_text()
+    assert "- `bytes-n8`: step 250 of 300" in text and "- `bytes-n16`: FAILED — boom" in text
+    table = text.split("## n-ablation")[1]
+    assert "| bytes   | 8   | 1.300     |" in table and "3.000" not in table
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert dict(zip(runs["name"], runs["train_status"])) == {"bytes-n1": "finished", "bytes-n8": "stopped", "bytes-n16": "failed"}

@@ -227,3 +227,19 @@ def test_stages_in_separate_calls_and_a_bench_per_prompt_set(smoke_data, tmp_pat
     assert json.loads((run_dir / "stages" / "bench.json").read_text())["status"] == "finished"
     r = run_sweep(spec, tmp_path, uri, *base, "--only", "bytes-n4*", "--stages", "eval")
     assert r.returncode == 2 and "the spec t has the stages train, bench" in r.stderr
+
+
+def test_concurrent_evaluations_share_the_cores(tmp_path, monkeypatch):
+    """With several configurations at once, each evaluation's sandbox takes its share of
+    the cores (a flag of the spec's own wins)."""
+    from experiments.sweep import stage_commands
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], eval={"tasks": ["humaneval"]}))
+    plan = plan_sweep(spec)[0]
+    alone = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False)["eval"][0]
+    shared = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False, slots=3)["eval"][0]
+    assert "--workers" not in alone and shared[shared.index("--workers") + 1] == "10"
+    spec.eval["args"] = ["--workers", "4"]
+    own = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False, slots=3)["eval"][0]
+    assert own.count("--workers") == 1 and own[own.index("--workers") + 1] == "4"

@@ -5,6 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD BYTELM_DATA_DIR=$PWD/.shared_data PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-bytelm() { python3 -m bytelm "$@"; }
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m bytelm "$@"\n' > /tmp/bin/bytelm && chmod +x /tmp/bin/bytelm
+export PATH=/tmp/bin:$PATH  # `bytelm` as a command (timeout runs commands, not functions)
 # the run folders without their checkpoints (what comes back from the machine)
 pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --exclude='*.results.jsonl' "$@"; }
