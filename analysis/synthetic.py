@@ -84,10 +84,11 @@ def vocab_title(v: str) -> str:
 
 
 def versus(other: pd.Series, base: pd.Series) -> str:
-    """Whether a configuration beats the n=1 one of its size, by how much, on how many
+    """Whether a configuration is above the n=1 one of its size, by how much, on how many
     seeds, and whether the seeds separate them."""
     diff = 100 * (other["mean"] - base["mean"])
-    word = "beats" if diff > 0 else "trails" if diff < 0 else "ties with"
+    # "is above", not "beats": whether a gap is a finding is what the seeds say next
+    word = "is above" if diff > 0 else "is below" if diff < 0 else "equals"
     if other["seeds"] > 1 and base["seeds"] > 1:
         if other["min"] > base["max"]:
             sep = f"every {n_title(other['n'])} seed above every n=1 seed"
@@ -97,6 +98,8 @@ def versus(other: pd.Series, base: pd.Series) -> str:
             sep = "the seeds overlap"
     else:
         sep = "one seed on at least one side, so no spread to judge the gap by"
+    if max(other["mean"], base["mean"]) < 0.01:
+        sep += "; both under 1 %: neither model learned the task, so there is nothing to compare"
     return (f"{n_title(other['n'])} {word} n=1: {100 * other['mean']:.1f} vs {100 * base['mean']:.1f} % "
             f"({diff:+.1f} points; {int(other['seeds'])} vs {int(base['seeds'])} seed(s); {sep})")
 

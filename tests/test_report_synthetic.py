@@ -146,13 +146,13 @@ def test_induction_section_tables_statements_and_figure(store):
     assert md_rows(bytes_table)[("bytes", "1M")][3:] == ["20.0", "25.0", "+5.0", "1 / 1"]
 
     # the statements are computed from the data: verdict, margin, seeds, separation
-    assert ("BPE 1M (1.07M non-embedding parameters): n=2 beats n=1: 53.0 vs 32.0 % (+21.0 points; 2 vs 2 seed(s); "
+    assert ("BPE 1M (1.07M non-embedding parameters): n=2 is above n=1: 53.0 vs 32.0 % (+21.0 points; 2 vs 2 seed(s); "
             "every n=2 seed above every n=1 seed)") in text
-    assert ("BPE 3M (3.21M non-embedding parameters): n=2 beats n=1: 65.5 vs 65.0 % (+0.5 points; 2 vs 2 seed(s); "
+    assert ("BPE 3M (3.21M non-embedding parameters): n=2 is above n=1: 65.5 vs 65.0 % (+0.5 points; 2 vs 2 seed(s); "
             "the seeds overlap)") in text
-    assert ("BPE 10M (10.6M non-embedding parameters): n=2 trails n=1: 78.0 vs 81.0 % (-3.0 points; 1 vs 2 seed(s); "
+    assert ("BPE 10M (10.6M non-embedding parameters): n=2 is below n=1: 78.0 vs 81.0 % (-3.0 points; 1 vs 2 seed(s); "
             "one seed on at least one side") in text
-    assert "bytes 1M (1.07M non-embedding parameters): n=2 beats n=1: 25.0 vs 20.0 %" in text
+    assert "bytes 1M (1.07M non-embedding parameters): n=2 is above n=1: 25.0 vs 20.0 %" in text
     # first-occurrence control: 1 % for seed 0, 2 % for seed 1, so 1.5 % means, and 1.0 % where only seed 0 ran
     assert "Control, first occurrences (nothing to copy; `induction/acc_first`): 1.0–1.5 %" in text
     assert_png(out / "induction.png")
@@ -194,8 +194,8 @@ def test_poly_section_tables_statements_and_figure(store):
     above = sum(n4[m] > n1[m] for m in range(1, 11))
     assert 0 < above < 10
     assert (f"- bytes 30M (32.1M non-embedding parameters), n=4 against n=1:\n"
-            f"  - in domain: n=4 trails n=1: 18.6 vs 19.4 % (-0.8 points; 2 vs 2 seed(s); the seeds overlap).\n"
-            f"  - out of domain: n=4 trails n=1: 0.6 vs 1.5 % (-0.9 points; 2 vs 2 seed(s); "
+            f"  - in domain: n=4 is below n=1: 18.6 vs 19.4 % (-0.8 points; 2 vs 2 seed(s); the seeds overlap).\n"
+            f"  - out of domain: n=4 is below n=1: 0.6 vs 1.5 % (-0.9 points; 2 vs 2 seed(s); "
             f"every n=4 seed below every n=1 seed).\n"
             f"  - above n=1 (means over seeds) at {above} of 10 values of m.") in text
     after_100m = text.split("bytes 100M (99.1M non-embedding parameters), n=2 against n=1:")[1]
@@ -214,5 +214,14 @@ def test_runs_without_a_size_axis_are_named_by_their_parameters(store, tmp_path)
     assert r.returncode == 0, r.stderr
     csv = pd.read_csv(tmp_path / "poly.csv")
     assert set(csv["size"]) == {"32.1M"} and set(csv["n"]) == {1, 2, 4}
-    assert "- bytes 32.1M, n=2 against n=1:\n  - in domain: n=2 beats n=1" in (tmp_path / "report.md").read_text()
+    assert "- bytes 32.1M, n=2 against n=1:\n  - in domain: n=2 is above n=1" in (tmp_path / "report.md").read_text()
     assert_png(tmp_path / "poly.png")
+
+
+def test_a_gap_between_two_models_that_learned_nothing_is_not_a_finding():
+    from analysis.synthetic import versus
+
+    row = lambda n, mean, lo, hi: pd.Series({"n": n, "mean": mean, "min": lo, "max": hi, "seeds": 2})  # noqa: E731
+    text = versus(row(2, 0.004, 0.001, 0.007), row(1, 0.0, 0.0, 0.0))
+    assert text.startswith("n=2 is above n=1: 0.4 vs 0.0 %") and "neither model learned the task" in text
+    assert "neither" not in versus(row(2, 0.30, 0.28, 0.32), row(1, 0.20, 0.19, 0.21))
