@@ -92,7 +92,11 @@ def get_or_create_experiment(client, name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout the code runs from, with `-dirty` when it has local changes."""
+    """HEAD of the checkout the code runs from, with `-dirty` when it has local changes;
+    `$BYTELM_GIT_COMMIT` when set, for a copy of the tree whose .git is missing or not
+    the code's own (a GPU machine's copy: experiments/gpu/README.md)."""
+    if os.environ.get("BYTELM_GIT_COMMIT"):
+        return os.environ["BYTELM_GIT_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True

@@ -149,3 +149,12 @@ def test_rewind_drops_a_line_cut_off_by_a_kill(tmp_path):
         f.write('{"step": 2, "lo')  # SIGKILL in the middle of a write
     t.rewind(1)
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == [{"step": 1, "loss": 2.0}]
+
+
+def test_git_commit_can_be_given_for_a_copy_without_its_own_git(monkeypatch):
+    from bytelm.tracking import git_commit
+
+    monkeypatch.delenv("BYTELM_GIT_COMMIT", raising=False)
+    assert git_commit().split("-")[0] != "0123abc"
+    monkeypatch.setenv("BYTELM_GIT_COMMIT", "0123abc")
+    assert git_commit() == "0123abc"
