@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def runs_csv(runs: pd.DataFrame) -> pd.DataFrame:
     """runs.csv: identity, grid values, then every metric; config params at the end."""
-    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "seed"]
+    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "seed",
+             "git_commit", "hardware", "torch"]
     grid = sorted(c for c in runs.columns if c.startswith("grid."))
     params = sorted(c for c in runs.columns if c.startswith("params."))
     skip = {"start_time", "is_parent", "parent_run_id", *first, *grid, *params}
@@ -45,6 +46,24 @@ def _step(run: pd.Series) -> str:
     last, plan = run.get("train_step"), pd.to_numeric(run.get("params.train.steps"), errors="coerce")
     fmt = lambda x: "?" if x is None or pd.isna(x) else f"{int(x)}"  # noqa: E731
     return f"{fmt(last)} of {fmt(plan)}"
+
+
+def provenance(runs: pd.DataFrame, parents: pd.DataFrame) -> list[str]:
+    """Where the tabulated runs come from: sweep specs, code, hardware, and the time they
+    trained (`train/wall_s`, `train/gpu_s` of the trainer)."""
+    def values(frame: pd.DataFrame, col: str) -> str:
+        vals = sorted({str(v) for v in frame[col].dropna()}) if col in frame else []
+        return ", ".join(f"`{v}`" for v in vals) or "not logged"
+
+    lines = ["Provenance:\n",
+             f"- sweep specs: {values(parents, 'params.sweep.spec')}",
+             f"- code (git commit): {values(runs, 'git_commit')}",
+             f"- hardware: {values(runs, 'hardware')}; torch {values(runs, 'torch')}"]
+    for col, what in (("train/wall_s", "training wall time"), ("train/gpu_s", "training GPU time")):
+        if col in runs and runs[col].notna().any():
+            lines.append(f"- {what}: {runs[col].sum() / 3600:.2f} h over {int(runs[col].notna().sum())} run(s) "
+                         f"(per run in `runs.csv`, column `{col}`)")
+    return lines + [""]
 
 
 def build_report(experiment: str, uri: str, out: Path, include_failed: bool = False) -> tuple[Path, list[Path], pd.DataFrame]:
@@ -62,6 +81,7 @@ def build_report(experiment: str, uri: str, out: Path, include_failed: bool = Fa
     md = [f"# Report: MLflow experiment `{experiment}`\n",
           f"Generated {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `bytelm report --experiment {experiment} "
           f"--out {out}` from the store `{uri}`; {len(done)} run(s) tabulated, one row per run in `runs.csv`.\n"]
+    md += provenance(done, exp.parents)
     if stopped.any():
         md.append("Runs stopped at their time limit, tabulated at their last step:\n")
         md += [f"- `{r['name']}`: step {_step(r)}" for _, r in exp.runs[stopped].iterrows()]

@@ -50,6 +50,10 @@ def load_runs(experiment: str, uri: str) -> Experiment:
         "error": raw.get("tags.error"),
         "train_status": raw.get("tags.bytelm.status"),  # finished, stopped (time limit), failed, killed
         "train_step": pd.to_numeric(raw.get("tags.bytelm.step"), errors="coerce") if "tags.bytelm.step" in raw else None,
+        # where and with what code a run trained (the trainer's tags)
+        "git_commit": raw.get("tags.git_commit"),
+        "hardware": raw.get("tags.hardware"),
+        "torch": raw.get("tags.torch_version"),
         "is_parent": raw.get("tags.sweep_parent") == "true" if "tags.sweep_parent" in raw else False,
     })
     df["study"] = df["study"].fillna("ablation")

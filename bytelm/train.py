@@ -309,7 +309,9 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     optimizer = make_optimizer(model, cfg, device)
     names = param_names(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = {"step": 0, "best_val_bpb": float("inf"), "tokens_seen": 0, "bytes_seen": 0}
+    # train_s: wall seconds the run has trained, over all its starts (compilation, evaluations
+    # and checkpoints included), for the GPU-time a study reports
+    state = {"step": 0, "best_val_bpb": float("inf"), "tokens_seen": 0, "bytes_seen": 0, "train_s": 0.0}
     if start:
         # Under FSDP the full state stays on the CPU until it is sharded onto the GPU.
         opt_state = torch.load(start[-1] / "optim.pt", map_location="cpu" if fsdp else device, weights_only=False)
@@ -357,7 +359,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     from tqdm import tqdm
 
     bar = tqdm(total=t.steps, initial=state["step"], disable=not d.main, desc=run_dir.name, dynamic_ncols=True)
-    began = time.time()
+    began = last_tick = time.time()
     window: list[tuple[float, list[float]]] = []
     tic, window_tokens, window_bytes = time.time(), 0, 0
     if device.type == "cuda":
@@ -375,6 +377,9 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
             step_tokens = t.batch_size * m.context
             step_bytes = int(byte_lengths[x_all].sum()) * d.world  # this rank's share × ranks
             state["step"] = step + 1
+            now = time.time()
+            state["train_s"] += now - last_tick
+            last_tick = now
             state["tokens_seen"] += step_tokens
             state["bytes_seen"] += step_bytes
             window.append((total, per_head))
@@ -396,7 +401,10 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                     "train/tokens_seen": state["tokens_seen"],
                     "train/bytes_seen": state["bytes_seen"],
                     "train/flops": state["tokens_seen"] * flops_tok,
+                    "train/wall_s": state["train_s"],
                 }
+                if device.type == "cuda":
+                    row["train/gpu_s"] = state["train_s"] * d.world
                 if peak:
                     row["mfu"] = flops_tok * window_tokens / dt / (peak * d.world)
                 if device.type == "cuda":

@@ -175,14 +175,19 @@ def test_a_run_stopped_at_its_time_limit_is_tabulated_and_flagged(tmp_path):
     exp_id = get_or_create_experiment(client, "stops")
     for name, n, status, step, bpb in (("bytes-n1", 1, "finished", 300, 1.1), ("bytes-n8", 8, "stopped", 250, 1.3),
                                        ("bytes-n16", 16, "failed", 40, 3.0)):
-        run_id = client.create_run(exp_id, run_name=name, tags={"study": "ablation", "grid.vocab": "bytes",
-                                                                "grid.n": str(n), "grid.head_type": "unembed"}).info.run_id
-        client.log_batch(run_id, metrics=[Metric("val/bpb", bpb, 0, step)], params=[Param("train.steps", "300")])
+        run_id = client.create_run(exp_id, run_name=name, tags={
+            "study": "ablation", "grid.vocab": "bytes", "grid.n": str(n), "grid.head_type": "unembed",
+            "git_commit": "abc123", "hardware": "2x NVIDIA H200", "torch_version": "2.11.0"}).info.run_id
+        client.log_batch(run_id, metrics=[Metric("val/bpb", bpb, 0, step), Metric("train/wall_s", 900.0, 0, step),
+                                          Metric("train/gpu_s", 1800.0, 0, step)], params=[Param("train.steps", "300")])
         set_mlflow_status(client, run_id, status, "boom" if status == "failed" else None, step)
     assert {r.info.run_name: r.info.status for r in client.search_runs([exp_id])}["bytes-n8"] == "KILLED"
     report, _, _ = build_report("stops", uri, tmp_path / "out")
     text = report.read_text()
     assert "- `bytes-n8`: step 250 of 300" in text and "- `bytes-n16`: FAILED — boom" in text
+    # provenance of the two tabulated runs (the failed one is not counted)
+    assert "- code (git commit): `abc123`" in text and "- hardware: `2x NVIDIA H200`; torch `2.11.0`" in text
+    assert "- training GPU time: 1.00 h over 2 run(s)" in text
     table = text.split("## n-ablation")[1]
     assert "| bytes   | 8   | 1.300     |" in table and "3.000" not in table
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
