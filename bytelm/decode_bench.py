@@ -3,7 +3,7 @@
     bytelm decode-bench --checkpoint RUN_DIR [--prompts code|stories|FILE] [--heads 1,2,4,8]
         [--batch-sizes 1,16] [--max-new N] [--n-prompts P] [--prompt-len L]
         [--dtype auto|float32|bfloat16] [--device auto|cpu|cuda] [--cuda-graphs] [--compile]
-        [--repeats R] [--json OUT]
+        [--cache-block C] [--repeats R] [--json OUT]
 
 The paper's Tables S2/S3 protocol: greedy completions of held-out prompts, once with plain
 decoding and once per number of heads used. For each batch size the baseline is plain
@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from bytelm.errors import UserError
 from bytelm.fileio import write_json
-from bytelm.generate import ATTENTION_BACKENDS, Decoder, Generation, cast_for_inference, encode_prompt
+from bytelm.generate import ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generation, cast_for_inference, encode_prompt
 from bytelm.model import MTPTransformer
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import Tokenizer
@@ -66,6 +66,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (baseline too)")
     p.add_argument("--attention", default="auto", choices=list(ATTENTION_BACKENDS),
                    help="pin the decoding step's attention kernel (baseline too; default auto: PyTorch's choice)")
+    p.add_argument("--cache-block", type=int, default=CACHE_BLOCK,
+                   help=f"a step reads the cache in blocks of this many positions (default {CACHE_BLOCK}); "
+                        "with --compile a coarser block means fewer compilations")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median counts (default 1)")
     p.add_argument("--data-dir", help="benchmark data folder for --prompts stories (default: $BYTELM_DATA_DIR or ../shared/data)")
     p.add_argument("--json", help="output JSON (default: RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json)")
@@ -223,18 +226,19 @@ def run_benchmark(
     compile: bool = False,
     attention: str = "auto",
     repeats: int = 1,
+    cache_block: int = CACHE_BLOCK,
 ) -> list[dict]:
     """One row per (heads used, batch size); heads 1 is each batch size's baseline."""
     # One cache length for every decoder: attention over the same number of slots.
     max_len = min(model.cfg.context, max(map(len, prompts)) + max_new + max(heads))
     kernels = "CUDA graphs" if cuda_graphs else "eager"
     kernels += " + torch.compile" if compile else ""
-    kernels += f", attention {attention}"
+    kernels += f", attention {attention}, cache read in blocks of {cache_block} positions"
     rows = []
     configs = [(b, k) for b in batch_sizes for k in heads]
     for batch, k in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
-                          cuda_graphs=cuda_graphs, compile=compile, attention=attention)
+                          cuda_graphs=cuda_graphs, compile=compile, attention=attention, cache_block=cache_block)
         gen, wall = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
         if k == 1:
@@ -286,8 +290,8 @@ def main(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    for flag, value in (("--n-prompts", args.n_prompts), ("--repeats", args.repeats), ("--max-new", args.max_new),
-                        ("--prompt-len", args.prompt_len)):
+    for flag, value in (("--n-prompts", args.n_prompts), ("--repeats", args.repeats), ("--cache-block", args.cache_block),
+                        ("--max-new", args.max_new), ("--prompt-len", args.prompt_len)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
@@ -317,7 +321,7 @@ def main(args) -> int:
 
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
                          cuda_graphs=args.cuda_graphs, compile=args.compile, attention=args.attention,
-                         repeats=args.repeats)
+                         repeats=args.repeats, cache_block=args.cache_block)
     print(table(rows))
 
     run_dir = run_dir_of(args.checkpoint)
@@ -326,7 +330,8 @@ def main(args) -> int:
         "checkpoint": str(Path(args.checkpoint).resolve()), "prompts": name, "n_prompts": len(prompts),
         "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
-        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": args.attention, "repeats": args.repeats, "hardware": hardware(),
+        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": args.attention,
+        "cache_block": args.cache_block, "repeats": args.repeats, "hardware": hardware(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},

@@ -24,10 +24,22 @@ How a batch is decoded
   drafts leave stale keys at positions the next step writes again before reading them
   (each step writes every position it reads beyond the accepted prefix), in the trunk's
   cache and, for transformer heads, in every head block's cache.
+- A step reads only a prefix of the cache: its first Lb positions, Lb the smallest
+  multiple of `cache_block` (capped at the cache length L) above the last position any
+  active row writes in it. The host knows every row's position (prompt length plus the
+  accepted counts it reads back anyway), so choosing Lb costs no device sync. Positions
+  past Lb hold nothing an active row may read (the mask hid them), so the outputs are
+  those of a step over the whole cache; the attention's work, which is memory-bound on a
+  GPU, follows the longest active row instead of L. Free and idle rows in the step (whose
+  work is discarded) have their positions clamped into the prefix.
 - Static shapes make the step capturable: with `cuda_graphs=True` one CUDA graph is
-  captured per bucket of active rows (1, 2, 4, ... up to the batch size; the rows past b
-  in a bucket are free slots whose work is discarded), `compile=True` runs the step
-  through torch.compile (fused kernels) before capture, and `attention` can pin the
+  captured per (bucket of active rows, length bucket), lazily, the first time a step
+  needs it (rows: 1, 2, 4, ... up to the batch size; the rows past b in a bucket are
+  free slots whose work is discarded). Capturing runs warm-up steps; the step inputs
+  they change are saved and restored, and the cache writes they make land at positions
+  >= each row's committed position, which the next real step writes before reading
+  (as it does after rejected drafts). `compile=True` runs the step through torch.compile
+  (fused kernels; one compilation per pair) before capture, and `attention` can pin the
   step's attention kernel.
 
 Prompts start with the tokenizer's EOS id: in the shards every document follows the EOS
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -55,16 +68,29 @@ from bytelm.tokenizers import Tokenizer
 # costs over a decode step (docs/decoding.md).
 ATTENTION_BACKENDS = ("auto", "efficient", "math", "cudnn")
 
+# A decoding step reads the cache's first Lb positions, Lb a multiple of this block (at
+# most the cache length): the longest active row's position plus k, rounded up. Multiples
+# of 256 rather than powers of two: a step reads at most 255 positions more than it needs
+# (under 13% once rows are 2k long), where powers of two can read twice as many (rows just
+# past 2,048 in a 4,096 cache, the case seen in HumanEval/MBPP sampling, would read all of
+# it). 256 is a multiple of the key tiles of the attention kernels (64, 128), so a bucket
+# ends on a tile. The price is more shapes: L/256 length buckets (16 for L = 4096) times
+# the row buckets, but graphs are captured lazily and a run only visits the pairs its
+# longest row passes through (a graph costs a few steps to capture; with compile=True
+# each pair is a compilation, where a coarser block, e.g. 1024, bounds the count).
+CACHE_BLOCK = 256
+
 
 # ----------------------------------------------------------------------------- cache views
 
 
 class _SlotPrefix:
-    """Slots [0, s) of one layer's KV cache, as a cache of their own (it has the `write`
-    of `KVCache`). Views: a decoding step writes straight into the real cache."""
+    """Slots [0, s) and positions [0, length) of one layer's KV cache, as a cache of its
+    own (it has the `write` of `KVCache`). Views: a decoding step writes straight into the
+    real cache, and its attention reads only those positions."""
 
-    def __init__(self, kv: KVCache, s: int):
-        self.k, self.v = kv.k[:s], kv.v[:s]
+    def __init__(self, kv: KVCache, s: int, length: int):
+        self.k, self.v = kv.k[:s, :, :length], kv.v[:s, :, :length]
         self.rows = torch.arange(s, device=kv.k.device)[:, None]
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
@@ -113,11 +139,13 @@ class DecodeStats:
     steps: int = 0  # decoding (verify) steps
     row_forwards: int = 0
     idle_row_steps: int = 0  # step rows spent on finished slots waiting for a group refill
+    step_positions: int = 0  # cache positions the steps read per row (their length buckets), summed
     # accepted[j]: row steps in which drafts 1..j+1 were all accepted (j = 0..k-2)
     accepted: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     prefill_s: float = 0.0  # prefills, read-back of their first tokens included
     step_s: float = 0.0  # steps, from launch to their outputs on the host
+    capture_s: float = 0.0  # CUDA-graph captures (and compilations) this run triggered: in wall_s, not step_s
 
     @property
     def row_steps(self) -> int:
@@ -214,7 +242,9 @@ class Decoder:
 
     Sampling parameters are fixed per decoder (they are baked into the captured step).
     `attention` pins the step's attention kernel (ATTENTION_BACKENDS); `refill_min` is the
-    smallest group of finished slots refilled with one prefill while prompts wait.
+    smallest group of finished slots refilled with one prefill while prompts wait;
+    `cache_block` is the granularity of the cache prefix a step reads (a block >= max_len:
+    always the whole cache, as a reference).
     """
 
     def __init__(
@@ -229,6 +259,7 @@ class Decoder:
         compile: bool = False,
         attention: str = "auto",
         refill_min: int | None = None,
+        cache_block: int = CACHE_BLOCK,
     ):
         n = model.n_future
         if not 1 <= heads <= n:
@@ -237,6 +268,9 @@ class Decoder:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if attention not in ATTENTION_BACKENDS:
             raise UserError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+        if cache_block < 1:
+            raise UserError(f"cache block must be >= 1 position, got {cache_block}")
+        self.cache_block = cache_block
         self.attention = attention
         p = model.tok_emb.weight
         if cuda_graphs and p.device.type != "cuda":
@@ -258,35 +292,47 @@ class Decoder:
             self.out = torch.zeros(batch_size, heads + 1, dtype=torch.long, device=self.device)  # emitted, n_accepted
             self.offsets = torch.arange(heads, device=self.device)
         self.gen = torch.Generator(self.device)
-        self._views: dict[int, _CacheView] = {}
+        self._views: dict[tuple[int, int], _CacheView] = {}
         self._step_fn = self._step
         if compile:
-            # One compiled graph per (decoder, bucket size): more than dynamo's default
-            # limit of 8 recompilations when a benchmark builds several decoders.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+            # One compiled graph per (decoder, row bucket, length bucket): far more than
+            # dynamo's default limit of 8 recompilations (past the limit dynamo falls back
+            # to the eager step, which is slower but computes the same).
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+            torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
             self._step_fn = torch.compile(self._step, dynamic=False)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if cuda_graphs:
-            self._capture()
+        # Rows a step runs on: b itself in eager mode; with graphs, the smallest of these
+        # buckets >= b (a graph has a fixed shape, so a few sizes cover every b).
+        self._row_buckets = (sorted({min(1 << i, batch_size) for i in range(batch_size.bit_length() + 1)})
+                             if cuda_graphs else None)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, length) -> graph, captured on first use
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.capture_s = 0.0  # spent capturing graphs (and compiling for them), over the decoder's life
 
     # -- buckets and views -----------------------------------------------------------
 
     def _layers(self) -> list[KVCache]:
         return list(self.cache.trunk) + (list(self.cache.heads) if self.cache.heads is not None else [])
 
-    def _prefix(self, s: int) -> _CacheView:
-        if s not in self._views:
+    def _prefix(self, s: int, length: int) -> _CacheView:
+        if (s, length) not in self._views:
             c = self.cache
-            heads = [_SlotPrefix(kv, s) for kv in c.heads] if c.heads is not None else None
-            self._views[s] = _CacheView([_SlotPrefix(kv, s) for kv in c.trunk], heads, self.L)
-        return self._views[s]
+            heads = [_SlotPrefix(kv, s, length) for kv in c.heads] if c.heads is not None else None
+            self._views[s, length] = _CacheView([_SlotPrefix(kv, s, length) for kv in c.trunk], heads, length)
+        return self._views[s, length]
 
     def _bucket(self, b: int) -> int:
-        """Rows a step runs on: b itself in eager mode, the captured size >= b with graphs."""
-        if not self._graphs:
+        """Rows a step runs on: b itself in eager mode, the bucket size >= b with graphs."""
+        if self._row_buckets is None:
             return b
-        return min(s for s in self._graphs if s >= b)
+        return min(s for s in self._row_buckets if s >= b)
+
+    def _length_bucket(self, length: int | None) -> int:
+        """Cache positions a step reads when it must read the first `length` (None: all):
+        the next multiple of cache_block, at most the cache length L."""
+        if length is None:
+            return self.L
+        return min(self.L, -(-max(length, 1) // self.cache_block) * self.cache_block)
 
     # -- the model's pieces -----------------------------------------------------------
 
@@ -308,25 +354,29 @@ class Decoder:
             out.append(m.heads.unembed(i, m.norm(h)))
         return torch.cat(out, dim=1)
 
-    def _step(self, s: int) -> None:
-        """One decoding step on slots [0, s): reads tokens/pos/q/u, writes out and the
-        next step's tokens/pos/q, all in place (static buffers, so it can be captured)."""
+    def _step(self, s: int, length: int) -> None:
+        """One decoding step on slots [0, s) over cache positions [0, length): reads
+        tokens/pos/q/u, writes out and the next step's tokens/pos/q, all in place (static
+        buffers, so it can be captured)."""
         if self.attention == "auto":
-            return self._step_body(s)
+            return self._step_body(s, length)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
                    "cudnn": SDPBackend.CUDNN_ATTENTION}[self.attention]
         with sdpa_kernel([backend]):
-            return self._step_body(s)
+            return self._step_body(s, length)
 
-    def _step_body(self, s: int) -> None:
-        m, k, cache = self.model, self.k, self._prefix(s)
+    def _step_body(self, s: int, length: int) -> None:
+        m, k, cache = self.model, self.k, self._prefix(s, length)
         tokens, u = self.tokens[:s], self.u[:s]
-        # Positions past the cache (a row at the context limit, whose extra tokens are
-        # discarded) are clamped onto its last slot, which no kept token reads.
-        positions = (self.pos[:s, None] + self.offsets).clamp_max(self.L - 1)
-        rope = m.rope(k, positions, self.L)
+        # Positions past the prefix are clamped onto its last slot. For an active row
+        # that happens only at the end of the cache (length = L: a row at the context
+        # limit, whose extra tokens are discarded; no kept token reads that slot); the
+        # other rows past it are free or idle slots, whose work is discarded and whose
+        # cache rows are rewritten before they are read again.
+        positions = (self.pos[:s, None] + self.offsets).clamp_max(length - 1)
+        rope = m.rope(k, positions, length)
         z = m.trunk(tokens, rope, cache)
         logits = m.head_logits(0, z, rope, cache)
         if k == 1:
@@ -376,15 +426,21 @@ class Decoder:
             self.q[at] = q
         return first.tolist()
 
-    def step(self, b: int) -> None:
-        """One decoding step of the active slots [0, b) (its results are in `out`)."""
-        s = self._bucket(b)
+    def step(self, b: int, length: int | None = None) -> int:
+        """One decoding step of the active slots [0, b) (its results are in `out`).
+        `length`: 1 + the last position an active row writes in this step (the step
+        reads the length bucket above it); None reads the whole cache. Returns the cache
+        positions read."""
+        s, lb = self._bucket(b), self._length_bucket(length)
+        if self._row_buckets is not None and (s, lb) not in self._graphs:
+            self._capture(s, lb)
         if not self.sampling.greedy:
             self.u[:s].uniform_(generator=self.gen)
-        if self._graphs:
-            self._graphs[s].replay()
+        if self._row_buckets is not None:
+            self._graphs[s, lb].replay()
         else:
-            self._step_fn(s)
+            self._step_fn(s, lb)
+        return lb
 
     def _move(self, src: int, dst: int) -> None:
         """Slot src's row (cache and step inputs) into slot dst."""
@@ -396,24 +452,41 @@ class Decoder:
                 t[dst] = t[src]
         self.pos[src] = 0
 
-    def _capture(self) -> None:
-        """One CUDA graph of the step per bucket of active rows, sharing a memory pool."""
-        pool = torch.cuda.graph_pool_handle()
-        sizes = sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)})
-        with torch.inference_mode():
-            for s in sizes:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):  # warm-up: compilation, cuBLAS workspaces, autotuning
-                        self._step_fn(s)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._step_fn(s)
-                self._graphs[s] = graph
-            self.pos.zero_()  # the warm-up steps advanced the (still empty) slots
+    @contextmanager
+    def _preserved_inputs(self):
+        """Runs steps that must leave no trace (the warm-up before a capture, possibly in
+        the middle of a run): the step's buffers (tokens, pos, q, out, u) are restored in
+        place afterwards. The cache is not: a step over slots [0, s) writes each row's
+        cache only at positions >= its committed token's position P (or, past the prefix,
+        onto its last slot, which for a row of a live request is >= P as well), and the
+        next real step writes P..P+k-1 before reading them, as after rejected drafts;
+        free and idle rows are rewritten by their next prefill."""
+        buffers = [t for t in (self.tokens, self.pos, self.q, self.out, self.u) if t is not None]
+        saved = [t.clone() for t in buffers]
+        try:
+            yield
+        finally:
+            for t, v in zip(buffers, saved):
+                t.copy_(v)
+
+    def _capture(self, s: int, length: int) -> None:
+        """The CUDA graph of the step on s rows over `length` positions; the graphs share
+        one memory pool (they are replayed one at a time, on one stream, and keep nothing
+        of their own between replays: every input and output is a static buffer)."""
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._preserved_inputs():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up: compilation, cuBLAS workspaces, autotuning
+                    self._step_fn(s, length)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._step_fn(s, length)  # recorded, not run: it changes nothing
+            self._graphs[s, length] = graph
         torch.cuda.synchronize()
+        self.capture_s += time.perf_counter() - t0
 
     # -- running ---------------------------------------------------------------------
 
@@ -449,6 +522,10 @@ class Decoder:
         queue = deque(range(len(prompts)))
         slot_row: list[int | None] = []  # active slot -> request index (None: idle, awaiting a refill)
         idle: set[int] = set()
+        # Host copy of each live slot's position (of its committed token, `self.pos`):
+        # prompt length, plus the tokens committed by each step. It sizes the cache prefix
+        # a step reads, without reading anything more back from the device.
+        at = [0] * self.B
 
         def admit(slots: list[int]) -> list[int]:
             """Prefills queued prompts into these slots; returns the slots already done."""
@@ -463,6 +540,7 @@ class Decoder:
                 if slot == len(slot_row):
                     slot_row.append(r)
                 slot_row[slot] = r
+                at[slot] = len(prompts[r])
                 if rows[r].feed([tok]):
                     done.append(slot)
             return done
@@ -490,6 +568,7 @@ class Decoder:
                         if slot != last:
                             self._move(last, slot)
                             slot_row[slot] = slot_row[last]
+                            at[slot] = at[last]
                         slot_row.pop()
                     idle.clear()
                 break
@@ -498,10 +577,13 @@ class Decoder:
         k = self.k
         while slot_row:
             b = len(slot_row)
-            t = time.perf_counter()
-            self.step(b)
+            # The step writes positions P..P+k-1 of each live row (clamped to the cache).
+            length = min(self.L, max((at[i] for i, r in enumerate(slot_row) if r is not None), default=0) + k)
+            t, captured = time.perf_counter(), self.capture_s
+            stats.step_positions += self.step(b, length)
             out = self.out[:b].tolist()
-            stats.step_s += time.perf_counter() - t
+            stats.capture_s += self.capture_s - captured
+            stats.step_s += time.perf_counter() - t - (self.capture_s - captured)
             stats.forwards += 1
             stats.steps += 1
             stats.row_forwards += b - len(idle)
@@ -512,6 +594,7 @@ class Decoder:
                     continue
                 o = out[slot]
                 n = 1 if k == 1 else o[k] + 1
+                at[slot] += n
                 for j in range(n - 1):
                     stats.accepted[j] += 1
                 if rows[r].feed(o[:n]):

@@ -2,6 +2,7 @@
 decoding equals plain greedy decoding token for token, stops, limits and bad input."""
 
 from functools import lru_cache
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -190,3 +191,71 @@ def test_bad_input_is_a_user_error():
     one_head = MTPTransformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, context=32, vocab_size=258))
     with pytest.raises(UserError, match="model has 1"):
         generate(one_head, TOK, ["a"], max_new_tokens=5, heads=2)
+
+
+# ----------------------------------------------------------------------------- length buckets
+
+
+class _GraphRehearsal(Decoder):
+    """The CUDA-graph mode's control flow on a CPU: steps run on row buckets (1, 2, 4, ...:
+    padding rows are free slots), and the first step of each (rows, length) pair is
+    preceded by what `_capture` runs before recording it, warm-up steps whose effects on
+    the step's buffers are undone (the "graph" replays an eager step)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._row_buckets = sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)})
+
+    def _capture(self, s, length):
+        with self._preserved_inputs():
+            for _ in range(3):
+                self._step_fn(s, length)
+        self._graphs[s, length] = SimpleNamespace(replay=lambda: self._step_fn(s, length))
+
+
+def test_length_buckets():
+    model = trained_model("unembed")
+    dec = Decoder(model, heads=2, batch_size=2, max_len=90, cache_block=8)
+    assert [dec._length_bucket(n) for n in (1, 8, 9, 17, 88, 89, 90)] == [8, 8, 16, 24, 88, 90, 90]
+    assert dec._length_bucket(None) == 90
+    assert Decoder(model, max_len=90)._length_bucket(3) == 90  # the default block (256) exceeds the cache
+    with pytest.raises(UserError, match="cache block"):
+        Decoder(model, cache_block=0)
+
+
+@pytest.mark.parametrize("head_type, seed, stop", [("transformer", 3, ["b", "k"]), ("linear", 1, ["c"]),
+                                                   ("unembed", 3, ["c"])])
+def test_steps_over_a_cache_prefix_change_no_token(head_type, seed, stop):
+    """Steps that read only the length bucket above the longest live row (blocks of 8
+    positions: prompts of 10-30 tokens and 40 new tokens cross several buckets, rows of
+    different lengths stop at different times) give the tokens of steps over the whole
+    cache, greedy plain and speculative, at several batch sizes, also in the graph mode's
+    row buckets with warm-up steps before each new (rows, length) pair."""
+    model = trained_model(head_type)
+    prompts = prompts_of_lengths(10, 27, 14, 30, 19, 12, seed=seed)
+    for k, batch, cls in ((1, 3, Decoder), (2, 8, Decoder), (4, 1, Decoder), (4, 5, Decoder),
+                          (1, 5, _GraphRehearsal), (3, 3, _GraphRehearsal)):
+        ref = Decoder(model, heads=k, batch_size=batch, max_len=96, cache_block=96)
+        dec = cls(model, heads=k, batch_size=batch, max_len=96, cache_block=8)
+        a = ref.run(prompts, 40, tokenizer=TOK, stop=stop)
+        b = dec.run(prompts, 40, tokenizer=TOK, stop=stop)
+        assert b.tokens == a.tokens and b.finish == a.finish, (k, batch, cls.__name__)
+        assert len({len(t) for t in a.tokens}) > 2  # rows end at different times
+        assert a.stats.step_positions == 96 * a.stats.steps
+        assert b.stats.step_positions < 0.7 * a.stats.step_positions
+        assert len({length for _, length in dec._views}) >= 3  # several length buckets
+
+
+def test_sampling_over_a_cache_prefix_draws_the_same_samples():
+    model = trained_model("transformer")
+    prompts = prompts_of_lengths(11, 26, 17, 8, 22, seed=4)
+    s = Sampling(0.8, 0.95)
+    for k, batch, cls in ((1, 2, Decoder), (3, 3, Decoder), (3, 4, _GraphRehearsal)):
+        # (graph mode draws uniforms for a bucket's rows: the reference runs in the same mode)
+        ref = cls(model, heads=k, batch_size=batch, max_len=96, sampling=s, cache_block=1000)
+        dec = cls(model, heads=k, batch_size=batch, max_len=96, sampling=s, cache_block=8)
+        a, b = ref.run(prompts, 40, tokenizer=TOK, seed=5), dec.run(prompts, 40, tokenizer=TOK, seed=5)
+        assert b.tokens == a.tokens and b.finish == a.finish, (k, batch, cls.__name__)
+        assert b.stats.step_positions < a.stats.step_positions
+        assert len({length for _, length in dec._views}) >= 3
+    assert a.tokens != ref.run(prompts, 40, tokenizer=TOK, seed=6).tokens  # the samples depend on the seed
