@@ -65,22 +65,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: Path,
     name: str,
-    model: MTPTransformer,
+    model: MTPTransformer | dict,
     cfg: RunConfig,
     tokenizer: Tokenizer,
     state: dict,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
     scheduler: Any = None,
 ) -> Path:
+    """`model` and `optimizer` are the modules or their (full, unsharded) state dicts, as
+    FSDP training gathers them (bytelm.train.full_state_dicts)."""
     from safetensors.torch import save_file
 
     target = checkpoints_dir(run_dir) / name
     with atomic_path(target) as tmp:
         tmp.mkdir()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        model_sd = model if isinstance(model, dict) else model.state_dict()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_sd.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "optim.pt")
+            optim_sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+            torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else None}, tmp / "optim.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         save_config(cfg, tmp / "config.yaml")
         (tmp / "state.json").write_text(json.dumps({**state, "tokenizer": tokenizer.describe()}, indent=2, sort_keys=True))

@@ -187,17 +187,6 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-class _Gathered:
-    """Stands for a sharded model or optimizer in `ckpt.save_checkpoint`: its full state
-    dict, gathered beforehand by `full_state_dicts`."""
-
-    def __init__(self, state_dict: dict):
-        self._state_dict = state_dict
-
-    def state_dict(self) -> dict:
-        return self._state_dict
-
-
 def rank0_says(flag: bool, device: torch.device) -> bool:
     """Rank 0's value of `flag`, on every rank (for decisions every rank must share)."""
     t = torch.tensor([int(flag)], device=device)
@@ -352,7 +341,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
         if fsdp:
             model_sd, optim_sd = full_state_dicts(model, optimizer, names)
             if d.main:
-                ckpt.save_checkpoint(run_dir, name, _Gathered(model_sd), cfg, tok, state, _Gathered(optim_sd), scheduler)
+                ckpt.save_checkpoint(run_dir, name, model_sd, cfg, tok, state, optim_sd, scheduler)
         elif d.main:
             ckpt.save_checkpoint(run_dir, name, model, cfg, tok, state, optimizer, scheduler)
 
