@@ -16,9 +16,9 @@ A sweep spec (experiments/sweeps/*.yaml; docs/sweeps.md has the full format):
     match: {by: bytes, reference: {vocab: bytes, n: 1}}   # or by: flops, or target: NUMBER
     stages: [train, eval, bench]
     eval: {tasks: [humaneval, mbpp], n_samples: 4, temperatures: [0.8], args: []}
-    bench: {heads: [1, 2, 4, 8], batch_sizes: [1], max_new: 64, args: [--n-prompts, 8]}
+    bench: {heads: [1, 2, 4, 8], batch_sizes: [1], max_new: 64, prompts: [code], args: [--n-prompts, 8]}
     synth: {task: induction, args: []}   # stage synth: `bytelm synth eval` (synthetic studies)
-    devices: auto                    # cpu, or cuda:0..3: one run per GPU at a time
+    devices: auto                    # cpu, or cuda:0..3 (slots: a GPU listed twice runs two at once)
 
 Each configuration is one run directory (runs/<name>/runs/<run name>) and one MLflow
 child run under the sweep's parent run, tagged `sweep`, `study` and `grid.<axis>`. Every
