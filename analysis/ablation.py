@@ -102,7 +102,9 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     files += [out / "table1.md", out / "table1.tex", out / "table1.csv"]
 
     figures = []
-    history = metric_history(ctx.uri, list(runs["run_id"]), ["val/bpb", "train/bytes_seen", "train/flops"])
+    # the training curves need the store's metric histories (none when rebuilt from a runs.csv)
+    history = (metric_history(ctx.uri, list(runs["run_id"]), ["val/bpb", "train/bytes_seen", "train/flops"]) if ctx.uri
+               else pd.DataFrame(columns=["run_id", "key", "step", "value"]))
     for fname, title, draw in (
         ("passk_vs_k.png", "pass@k against k", lambda p: plots.passk_vs_k(runs, p)),
         ("vs_n.png", "pass@1 and bits per byte against n", lambda p: plots.metrics_vs_n(runs, p)),

@@ -1,5 +1,7 @@
 """`bytelm report --experiment NAME --out DIR`: a study's tables, plots and report.md,
-read from its MLflow experiment.
+read from its MLflow experiment (or `--runs-csv FILE`: rebuilt from the runs.csv of an
+earlier report, without the store; the training-curve plots need the store's metric
+histories and are left out).
 
 Writes DIR/runs.csv (one row per run: name, status, grid values, metrics), one section per
 study found among the runs (analysis/sections.py picks it by the runs' `study` tag; the
@@ -16,14 +18,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.runs import load_runs
+from analysis.runs import Experiment, load_runs, runs_from_csv
 from analysis.sections import ReportContext, section_for
 from bytelm.errors import UserError
 from bytelm.fileio import write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the study (a sweep spec's experiment:)")
+    p.add_argument("--experiment", help="MLflow experiment of the study (a sweep spec's experiment:)")
+    p.add_argument("--runs-csv", type=Path, help="instead of --experiment: rebuild from a runs.csv an earlier report wrote "
+                                                  "(e.g. docs/results/main/runs.csv; no MLflow needed)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--include-failed", action="store_true", help="also tabulate runs that did not finish")
     p.add_argument("--parent-run-id", help="log the report to this sweep run (default: the experiment's latest sweep)")
@@ -66,9 +70,11 @@ def provenance(runs: pd.DataFrame, parents: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-def build_report(experiment: str, uri: str, out: Path, include_failed: bool = False) -> tuple[Path, list[Path], pd.DataFrame]:
-    """Write the report; return report.md, the files to log, and the parent runs."""
-    exp = load_runs(experiment, uri)
+def build_report(experiment: str, uri: str | None, out: Path, include_failed: bool = False,
+                 exp: Experiment | None = None) -> tuple[Path, list[Path], pd.DataFrame]:
+    """Write the report; return report.md, the files to log, and the parent runs. `exp`:
+    runs already loaded (from a runs.csv, with uri None), else the experiment's in MLflow."""
+    exp = exp if exp is not None else load_runs(experiment, uri)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "runs.csv", runs_csv(exp.runs).to_csv(index=False))
     files = [out / "runs.csv"]
@@ -78,9 +84,11 @@ def build_report(experiment: str, uri: str, out: Path, include_failed: bool = Fa
     left_out = exp.runs[~exp.runs["run_id"].isin(done["run_id"])]
     ctx = ReportContext(experiment, uri, out)
 
-    md = [f"# Report: MLflow experiment `{experiment}`\n",
-          f"Generated {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `bytelm report --experiment {experiment} "
-          f"--out {out}` from the store `{uri}`; {len(done)} run(s) tabulated, one row per run in `runs.csv`.\n"]
+    source = (f"`bytelm report --experiment {experiment} --out {out}` from the store `{uri}`" if uri else
+              f"`bytelm report --runs-csv {experiment} --out {out}` (no MLflow store: no training curves)")
+    md = [f"# Report: {'MLflow experiment' if uri else 'runs of'} `{experiment}`\n",
+          f"Generated {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by {source}; {len(done)} run(s) "
+          f"tabulated, one row per run in `runs.csv`.\n"]
     md += provenance(done, exp.parents)
     if stopped.any():
         md.append("Runs stopped at their time limit, tabulated at their last step:\n")
@@ -118,9 +126,18 @@ def log_to_parent(uri: str, parents: pd.DataFrame, files: list[Path], parent_run
 def main(args: argparse.Namespace) -> int:
     from bytelm.tracking import mlflow_uri
 
-    uri = mlflow_uri()
+    if (args.experiment is None) == (args.runs_csv is None):
+        raise UserError("give exactly one of --experiment NAME and --runs-csv FILE")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder")
+    if args.runs_csv is not None:
+        if args.runs_csv.resolve() == (args.out / "runs.csv").resolve():
+            raise UserError(f"--runs-csv {args.runs_csv} is the runs.csv the report writes: give another --out")
+        exp = runs_from_csv(args.runs_csv)
+        report, files, _ = build_report(str(args.runs_csv), None, args.out, args.include_failed, exp)
+        print(f"wrote {report} and {len(files) - 1} table/plot files in {args.out}")
+        return 0
+    uri = mlflow_uri()
     report, files, parents = build_report(args.experiment, uri, args.out, args.include_failed)
     print(f"wrote {report} and {len(files) - 1} table/plot files in {args.out}")
     if not args.no_log:

@@ -79,6 +79,23 @@ def load_runs(experiment: str, uri: str) -> Experiment:
     return Experiment(experiment, exp.experiment_id, runs, parents)
 
 
+def runs_from_csv(path: Path) -> Experiment:
+    """The runs of a `runs.csv` that `bytelm report` wrote, as `load_runs` gives them: a
+    report rebuilt without the MLflow store (no sweep parents, no metric histories)."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"--runs-csv {path}: cannot read it as CSV ({e})") from None
+    missing = [c for c in ("name", "run_id", "status", "study", "vocab", "n") if c not in df]
+    if missing:
+        raise UserError(f"--runs-csv {path}: not a runs.csv of `bytelm report` (no column {', '.join(missing)})")
+    for col in ("n", "seed"):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df = df.assign(**{c: None for c in ("train_status", "error", "parent_run_id") if c not in df}, is_parent=False)
+    return Experiment(Path(path).name, "", df, pd.DataFrame(columns=["run_id", "start_time"]))
+
+
 def grid_axes(runs: pd.DataFrame) -> list[str]:
     """The grid axes beyond vocab/n/seed whose values differ between runs (e.g. head_type,
     size): they become extra label columns of a table."""

@@ -28,7 +28,7 @@ SECTIONS: dict[str, str | Callable] = {
 @dataclass
 class ReportContext:
     experiment: str
-    uri: str
+    uri: str | None  # None: runs rebuilt from a runs.csv, no store to read histories from
     out: Path
 
 

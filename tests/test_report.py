@@ -192,3 +192,27 @@ def test_a_run_stopped_at_its_time_limit_is_tabulated_and_flagged(tmp_path):
     assert "| bytes   | 8   | 1.300     |" in table and "3.000" not in table
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert dict(zip(runs["name"], runs["train_status"])) == {"bytes-n1": "finished", "bytes-n8": "stopped", "bytes-n16": "failed"}
+
+
+def test_report_rebuilt_from_its_runs_csv_without_mlflow(study, tmp_path):
+    """`bytelm report --runs-csv` gives the same tables from a published runs.csv, with no
+    store (so no training curves); a file that is not one gets one clear error."""
+    uri, _, _ = study
+    build_report("study", uri, tmp_path / "from_store")
+    r = subprocess.run([sys.executable, "-m", "bytelm", "report", "--runs-csv", str(tmp_path / "from_store" / "runs.csv"),
+                        "--out", str(tmp_path / "from_csv")], capture_output=True, text=True,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////nonexistent/dir/mlflow.db"})
+    assert r.returncode == 0, r.stderr
+    for name in ("table1.md", "table1.csv", "table1.tex"):
+        assert (tmp_path / "from_csv" / name).read_text() == (tmp_path / "from_store" / name).read_text()
+    assert (tmp_path / "from_csv" / "vs_n.png").is_file() and not (tmp_path / "from_csv" / "bpb_vs_bytes.png").exists()
+    assert "no MLflow store: no training curves" in (tmp_path / "from_csv" / "report.md").read_text()
+
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    for extra in (["--runs-csv", str(tmp_path / "bad.csv")], ["--runs-csv", str(tmp_path / "bad.csv"), "--experiment", "x"]):
+        r = subprocess.run([sys.executable, "-m", "bytelm", "report", *extra, "--out", str(tmp_path / "y")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a runs.csv of `bytelm report`" in subprocess.run(
+        [sys.executable, "-m", "bytelm", "report", "--runs-csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "y")],
+        capture_output=True, text=True).stderr
