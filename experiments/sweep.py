@@ -550,6 +550,25 @@ class SweepRunner:
         result.seconds = time.time() - began
         return result
 
+    def merged_summary(self, results: list[RunResult]) -> list[dict]:
+        """This invocation's results, over the summary.json of earlier ones: a run keeps
+        the outcome of the stages it did not run now (`--stages` splits a study into
+        calls, or two sweeps over one folder run different stages), and their error."""
+        path = self.out / "summary.json"
+        earlier = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
+        runs = []
+        for r in map(asdict, results):
+            e = earlier.get(r["name"])
+            if e is not None:
+                kept = {s: v for s, v in e["stages"].items() if s not in r["stages"]}
+                stages = {**kept, **r["stages"]}
+                r["stages"] = {s: stages[s] for s in STAGES if s in stages}
+                if r["error"] is None and "failed" in kept.values():
+                    r["error"] = e["error"]
+                r["seconds"] += e["seconds"]
+            runs.append(r)
+        return runs
+
     def run(self) -> list[RunResult]:
         from tqdm import tqdm
 
@@ -585,7 +604,7 @@ class SweepRunner:
             results = list(pool.map(job, range(len(self.plans)), self.plans))
         bar.close()
         write_json(self.out / "summary.json", {"sweep": self.spec.name, "parent_run_id": self.parent_run_id,
-                                               "runs": [asdict(r) for r in results]})
+                                               "runs": self.merged_summary(results)})
         if self.use_mlflow:
             self.end_parent(results)
         return results

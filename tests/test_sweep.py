@@ -225,6 +225,10 @@ def test_stages_in_separate_calls_and_a_bench_per_prompt_set(smoke_data, tmp_pat
         assert [(x["heads_used"], x["batch_size"]) for x in rows] == [(1, 2), (4, 2)]
         assert all(x["mismatched_sequences"] == 0 for x in rows)
     assert json.loads((run_dir / "stages" / "bench.json").read_text())["status"] == "finished"
+    # the summary keeps what each call did: train from the first, bench from the second
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    assert [(x["name"], x["stages"], x["error"]) for x in summary] == [
+        ("bytes-n4-unembed-s0", {"train": "finished", "bench": "finished"}, None)]
     r = run_sweep(spec, tmp_path, uri, *base, "--only", "bytes-n4*", "--stages", "eval")
     assert r.returncode == 2 and "the spec t has the stages train, bench" in r.stderr
 
