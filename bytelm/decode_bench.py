@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from bytelm.errors import UserError
 from bytelm.fileio import write_json
-from bytelm.generate import ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generation, cast_for_inference, encode_prompt
+from bytelm.generate import (ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generation, cache_length, cast_for_inference,
+                             encode_prompt)
 from bytelm.model import MTPTransformer
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import Tokenizer
@@ -230,7 +231,7 @@ def run_benchmark(
 ) -> list[dict]:
     """One row per (heads used, batch size); heads 1 is each batch size's baseline."""
     # One cache length for every decoder: attention over the same number of slots.
-    max_len = min(model.cfg.context, max(map(len, prompts)) + max_new + max(heads))
+    max_len = cache_length(model, max(map(len, prompts)), max_new, max(heads))
     kernels = "CUDA graphs" if cuda_graphs else "eager"
     kernels += " + torch.compile" if compile else ""
     kernels += f", attention {attention}, cache read in blocks of {cache_block} positions"

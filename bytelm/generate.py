@@ -625,6 +625,13 @@ def cast_for_inference(model: MTPTransformer, dtype: torch.dtype) -> MTPTransfor
     return model
 
 
+def cache_length(model: MTPTransformer, longest_prompt: int, max_new_tokens: int, heads: int) -> int:
+    """Cache positions a decoder needs for prompts of up to `longest_prompt` tokens and
+    `max_new_tokens` new ones with k = `heads` (a step writes k positions), at most the
+    model's context."""
+    return min(model.cfg.context, longest_prompt + max_new_tokens + heads)
+
+
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """A prompt as the model sees it: the start of a document, i.e. after an EOS."""
     return [tokenizer.eos_id] + list(tokenizer.encode(text))
@@ -658,7 +665,7 @@ def generate_ids(
         sampling = Sampling(temperature, top_p)
     except ValueError as e:
         raise UserError(str(e)) from None
-    max_len = min(model.cfg.context, max(len(p) for p in prompts) + max_new_tokens + heads)
+    max_len = cache_length(model, max(len(p) for p in prompts), max_new_tokens, heads)
     decoder = Decoder(
         model, heads=heads, batch_size=min(batch_size, len(prompts)), max_len=max_len,
         sampling=sampling, cuda_graphs=cuda_graphs, compile=compile,

@@ -347,19 +347,20 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
         train += ["--tag", f"{k}={v}"]
     if parent_run_id:
         train += ["--parent-run-id", parent_run_id]
-    cmds = {"train": train}
+    cmds = {"train": [train]}  # each stage: a list of commands, run in turn
     if "synth" in spec.stages:  # synthetic tasks (data_prep/synthetic_cli.py), on the test sets beside the run's data
         t = spec.synth
-        cmds["synth"] = [*bytelm, "synth", "eval", "--task", str(t["task"]), "--checkpoint", str(run_dir),
-                         "--data", plan.data_root, *map(str, t.get("args", []))]
+        cmds["synth"] = [[*bytelm, "synth", "eval", "--task", str(t["task"]), "--checkpoint", str(run_dir),
+                          "--data", plan.data_root, *map(str, t.get("args", []))]]
     if "eval" in spec.stages:
         e = spec.eval
-        cmds["eval"] = [*bytelm, "eval", "--checkpoint", str(run_dir), "--task", _fmt(e.get("tasks", ["humaneval", "mbpp"])),
-                        "--n-samples", str(e.get("n_samples", 200)),
-                        "--temperatures", _fmt(e.get("temperatures", [0.1, 0.2, 0.4, 0.8])),
-                        "--json", str(run_dir / "eval" / "pass_at_k.json"), *map(str, e.get("args", []))]
-        if slots > 1 and "--workers" not in cmds["eval"]:
-            cmds["eval"] += ["--workers", str(max(1, (os.cpu_count() or 1) // slots))]
+        evaluate = [*bytelm, "eval", "--checkpoint", str(run_dir), "--task", _fmt(e.get("tasks", ["humaneval", "mbpp"])),
+                    "--n-samples", str(e.get("n_samples", 200)),
+                    "--temperatures", _fmt(e.get("temperatures", [0.1, 0.2, 0.4, 0.8])),
+                    "--json", str(run_dir / "eval" / "pass_at_k.json"), *map(str, e.get("args", []))]
+        if slots > 1 and "--workers" not in evaluate:
+            evaluate += ["--workers", str(max(1, (os.cpu_count() or 1) // slots))]
+        cmds["eval"] = [evaluate]
     if "bench" in spec.stages:
         b = spec.bench
         bench = [*bytelm, "decode-bench", "--checkpoint", str(run_dir), "--batch-sizes", _fmt(b.get("batch_sizes", [1]))]
@@ -370,8 +371,7 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
         # one benchmark per prompt set (the paper's code vs text comparison), each its own JSON
         cmds["bench"] = [[*bench, "--prompts", str(p), *map(str, b.get("args", []))]
                          for p in (b["prompts"] if isinstance(b.get("prompts"), list) else [b.get("prompts", "code")])]
-    # each stage is a list of commands, run in turn
-    return {s: cmds[s] if s == "bench" else [cmds[s]] for s in STAGES if s in cmds}
+    return {s: cmds[s] for s in STAGES if s in cmds}
 
 
 def _train_status(run_dir: Path) -> str | None:

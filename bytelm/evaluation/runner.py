@@ -242,7 +242,7 @@ class _Sampler:
     def sample_and_run(self, ex: Executor, task: str, problems: list[Problem], temp: float, temp_index: int) -> list[dict]:
         """n completions per problem at one temperature, each run in the sandbox; one
         record per sample. Prompts longer than the context score 0 (they are not dropped)."""
-        from bytelm.generate import Decoder, cut_at_stop, encode_prompt
+        from bytelm.generate import Decoder, cache_length, cut_at_stop, encode_prompt
         from bytelm.speculative import Sampling
 
         s, n, spec = self.s, self.s.n_samples, TASKS[task]
@@ -253,10 +253,9 @@ class _Sampler:
         pending = []  # (problem, sample index, completion, future)
         if fits:
             t0 = time.perf_counter()
-            longest = max(len(v) for v in ids.values())
             decoder = Decoder(
                 self.model, heads=s.heads, batch_size=min(s.batch_size, n * len(fits)),
-                max_len=min(self.model.cfg.context, longest + budget + s.heads),
+                max_len=cache_length(self.model, max(map(len, ids.values())), budget, s.heads),
                 sampling=Sampling(temp, s.top_p), cuda_graphs=self.cuda_graphs,
             )
             self.seconds += time.perf_counter() - t0
@@ -293,9 +292,8 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     import torch
 
     from bytelm.checkpoint import load_model, run_dir_of
-    from bytelm.tracking import log_to_run
-
     from bytelm.generate import cast_for_inference
+    from bytelm.tracking import log_to_run
 
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_model(checkpoint, device=device)
