@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="eager,graphs,compile")
-    ap.add_argument("--attention", default="auto", help="SDPA backends of the step, comma-separated (auto, efficient, math, cudnn)")
+    ap.add_argument("--attention", default="auto", help="attention of the step, comma-separated (bytelm.generate.ATTENTION_BACKENDS: auto, efficient, math, cudnn, flex)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")

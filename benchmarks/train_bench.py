@@ -32,6 +32,7 @@ CTX_BATCH = ["model.context=2048", "train.batch_size=32"]
 PRESETS = {
     "h200": {
         **{f"bytes-n{n}": BYTE_100M + CTX_BATCH + [f"model.n_future={n}"] for n in (1, 8, 16, 32)},
+        "bytes-n1-ctx4096": BYTE_100M + ["model.context=4096", "train.batch_size=16", "model.n_future=1"],
         "bytes-n1-ctx8192": BYTE_100M + ["model.context=8192", "train.batch_size=8", "model.n_future=1"],
         **{f"tokens-n{n}": TOKEN_135M + CTX_BATCH + [f"model.n_future={n}"] for n in (1, 2, 4, 8)},
         "tokens-n4-naive": TOKEN_135M + CTX_BATCH + ["model.n_future=4", "train.loss_mode=naive"],

@@ -3,14 +3,17 @@
     bytelm decode-bench --checkpoint RUN_DIR [--prompts code|stories|FILE] [--heads 1,2,4,8]
         [--batch-sizes 1,16] [--max-new N] [--n-prompts P] [--prompt-len L]
         [--dtype auto|float32|bfloat16] [--device auto|cpu|cuda] [--cuda-graphs] [--compile]
-        [--cache-block C] [--repeats R] [--json OUT]
+        [--attention auto,flex] [--cache-block C] [--repeats R] [--json OUT]
 
 The paper's Tables S2/S3 protocol: greedy completions of held-out prompts, once with plain
 decoding and once per number of heads used. For each batch size the baseline is plain
 greedy decoding (heads_used = 1) of the same prompts, in the same process, with the same
 model, dtype, cache length, batch size and kernels (CUDA graphs / torch.compile or
-neither), so a speedup is never a comparison with a slower baseline. Each (heads used,
-batch size) row reports wall-clock throughput (tokens/s and bytes/s), tokens and bytes
+neither), so a speedup is never a comparison with a slower baseline. With several
+--attention kernels, every decoder runs with each, and the baseline of a batch size is the
+fastest plain decoder among them (a verify step may prefer another kernel than a decode
+step; the speedup is against the best plain decoding). Each (heads used, batch size,
+attention) row reports wall-clock throughput (tokens/s and bytes/s), tokens and bytes
 per forward, acceptance per draft depth, the speedup, the implementation efficiency
 (speedup ÷ tokens per forward: 1.0 would mean a verify step costs no more than a decode
 step), the cost of a step relative to a plain decoding step, and an equality audit: the
@@ -65,8 +68,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cuda-graphs", action="store_true", help="capture the decoding step in CUDA graphs (baseline too)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (baseline too)")
-    p.add_argument("--attention", default="auto", choices=list(ATTENTION_BACKENDS),
-                   help="pin the decoding step's attention kernel (baseline too; default auto: PyTorch's choice)")
+    p.add_argument("--attention", default="auto",
+                   help=f"the decoding step's attention, comma-separated ({', '.join(ATTENTION_BACKENDS)}; default auto: "
+                        "PyTorch's choice); each decoder runs with each, the fastest plain one is the baseline")
     p.add_argument("--cache-block", type=int, default=CACHE_BLOCK,
                    help=f"a step reads the cache in blocks of this many positions (default {CACHE_BLOCK}); "
                         "with --compile a coarser block means fewer compilations")
@@ -225,36 +229,50 @@ def run_benchmark(
     max_new: int,
     cuda_graphs: bool = False,
     compile: bool = False,
-    attention: str = "auto",
+    attention: tuple[str, ...] = ("auto",),
     repeats: int = 1,
     cache_block: int = CACHE_BLOCK,
 ) -> list[dict]:
-    """One row per (heads used, batch size); heads 1 is each batch size's baseline."""
+    """One row per (heads used, batch size, attention); each batch size's baseline is
+    its fastest plain decoder (heads 1) over the attention kernels."""
     # One cache length for every decoder: attention over the same number of slots.
     max_len = cache_length(model, max(map(len, prompts)), max_new, max(heads))
     kernels = "CUDA graphs" if cuda_graphs else "eager"
     kernels += " + torch.compile" if compile else ""
-    kernels += f", attention {attention}, cache read in blocks of {cache_block} positions"
+    kernels += f", cache read in blocks of {cache_block} positions"
+    heads = [1] + [k for k in heads if k != 1]  # the baselines first
     rows = []
-    configs = [(b, k) for b in batch_sizes for k in heads]
-    for batch, k in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
+    runs = {}
+    configs = [(b, k, a) for b in batch_sizes for k in heads for a in attention]
+    for batch, k, att in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
-                          cuda_graphs=cuda_graphs, compile=compile, attention=attention, cache_block=cache_block)
-        gen, wall = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
+                          cuda_graphs=cuda_graphs, compile=compile, attention=att, cache_block=cache_block)
+        runs[batch, k, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
-        if k == 1:
-            base, base_wall = gen, wall
-        baseline = (f"plain greedy decoding (heads_used=1), same prompts, batch size {batch}, "
-                    f"{max_len}-position cache, {kernels}, median of {repeats} run(s)")
-        rows.append(bench_row(k, batch, gen, wall, base, base_wall, model, prompts, baseline))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    for batch in batch_sizes:
+        best = min(attention, key=lambda a: runs[batch, 1, a][1])
+        base, base_wall = runs[batch, 1, best]
+        baseline = (f"plain greedy decoding (heads_used=1), same prompts, batch size {batch}, "
+                    f"{max_len}-position cache, {kernels}, attention {best} (the fastest plain decoder of "
+                    f"{', '.join(attention)}), median of {repeats} run(s)")
+        for k in heads:
+            for att in attention:
+                gen, wall = runs[batch, k, att]
+                rows.append({"attention": att, **bench_row(k, batch, gen, wall, base, base_wall, model, prompts, baseline)})
     return rows
 
 
 def metrics_of(rows: list[dict], name: str) -> dict[str, float]:
-    out = {}
+    """Per (batch, heads): the fastest decoder's row (over the attention kernels)."""
+    best: dict[tuple[int, int], dict] = {}
     for r in rows:
+        key = (r["batch_size"], r["heads_used"])
+        if key not in best or r["speedup"] > best[key]["speedup"]:
+            best[key] = r
+    out = {}
+    for r in best.values():
         p = f"spec/{name}/b{r['batch_size']}/k{r['heads_used']}/"
         out.update({
             p + "speedup": r["speedup"], p + "bytes_per_forward": r["bytes_per_forward"],
@@ -267,13 +285,13 @@ def metrics_of(rows: list[dict], name: str) -> dict[str, float]:
 def table(rows: list[dict]) -> str:
     return tabulate(
         [
-            [r["heads_used"], r["batch_size"], f"{r['speedup']:.2f}", f"{r['tokens_per_forward']:.2f}",
+            [r["heads_used"], r["batch_size"], r["attention"], f"{r['speedup']:.2f}", f"{r['tokens_per_forward']:.2f}",
              f"{r['bytes_per_forward']:.2f}", f"{r['efficiency']:.2f}", f"{r['step_cost_vs_plain']:.2f}",
              " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-",
              f"{r['tokens_per_s']:.0f}", f"{r['bytes_per_s']:.0f}", f"{r['mismatched_sequences']}/{r['sequences']}"]
             for r in rows
         ],
-        headers=["heads", "batch", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost",
+        headers=["heads", "batch", "attention", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost",
                  "P(drafts 1..j accepted)", "tok/s", "bytes/s", "mismatched"],
     )
 
@@ -296,6 +314,10 @@ def main(args) -> int:
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
+    attention = tuple(dict.fromkeys(a.strip() for a in args.attention.split(",")))
+    unknown = [a for a in attention if a not in ATTENTION_BACKENDS]
+    if unknown or not attention:
+        raise UserError(f"--attention takes a comma-separated list of {', '.join(ATTENTION_BACKENDS)}; got {args.attention!r}")
 
     model, tokenizer, cfg = load_model(args.checkpoint, device)
     context = cfg.model.context
@@ -321,7 +343,7 @@ def main(args) -> int:
     max_new = args.max_new or min(1024, context - longest)
 
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
-                         cuda_graphs=args.cuda_graphs, compile=args.compile, attention=args.attention,
+                         cuda_graphs=args.cuda_graphs, compile=args.compile, attention=attention,
                          repeats=args.repeats, cache_block=args.cache_block)
     print(table(rows))
 
@@ -331,7 +353,7 @@ def main(args) -> int:
         "checkpoint": str(Path(args.checkpoint).resolve()), "prompts": name, "n_prompts": len(prompts),
         "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
-        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": args.attention,
+        "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": list(attention),
         "cache_block": args.cache_block, "repeats": args.repeats, "hardware": hardware(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,

@@ -62,11 +62,15 @@ from bytelm.model import KVCache, MTPTransformer
 from bytelm.speculative import Sampling, draft, next_token, verify
 from bytelm.tokenizers import Tokenizer
 
-# scaled_dot_product_attention kernels a decoding step may be pinned to (auto: PyTorch's
-# choice). With a boolean mask over the cache, PyTorch 2.11 on an H200 picks a cuDNN kernel
-# that is ~4x slower for 8 query positions than for 1, which is most of what a verify step
-# costs over a decode step (docs/decoding.md).
-ATTENTION_BACKENDS = ("auto", "efficient", "math", "cudnn")
+# The attention of a decoding step: a scaled_dot_product_attention kernel with a boolean
+# mask over the cache (auto: PyTorch's choice; or pinned), or FlexAttention ("flex"). With
+# the boolean mask, PyTorch 2.11 on an H200 picks a cuDNN kernel that is ~4x slower for 8
+# query positions than for 1, which is most of what a verify step costs over a decode step
+# (docs/decoding.md). Compiled, FlexAttention's decoding kernel splits the cache across
+# thread blocks and handles up to 16 query positions per tile, so a verify step's attention
+# costs what a decode step's does; uncompiled it is a slow reference that materialises
+# the scores (use it with compile=True).
+ATTENTION_BACKENDS = ("auto", "efficient", "math", "cudnn", "flex")
 
 # A decoding step reads the cache's first Lb positions, Lb a multiple of this block (at
 # most the cache length): the longest active row's position plus k, rounded up. Multiples
@@ -273,6 +277,10 @@ class Decoder:
         self.cache_block = cache_block
         self.attention = attention
         p = model.tok_emb.weight
+        if compile and attention == "flex" and p.device.type != "cuda":
+            # (Inductor's CPU FlexAttention kernel rejects the step's mask, whose positions
+            # are computed in the step; uncompiled, flex runs its reference everywhere.)
+            raise UserError("compiled FlexAttention decoding needs a CUDA device: drop --compile or use another --attention")
         if cuda_graphs and p.device.type != "cuda":
             raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
         self.model, self.k, self.B, self.sampling = model, heads, batch_size, sampling
@@ -358,7 +366,7 @@ class Decoder:
         """One decoding step on slots [0, s) over cache positions [0, length): reads
         tokens/pos/q/u, writes out and the next step's tokens/pos/q, all in place (static
         buffers, so it can be captured)."""
-        if self.attention == "auto":
+        if self.attention in ("auto", "flex"):
             return self._step_body(s, length)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -376,7 +384,7 @@ class Decoder:
         # other rows past it are free or idle slots, whose work is discarded and whose
         # cache rows are rewritten before they are read again.
         positions = (self.pos[:s, None] + self.offsets).clamp_max(length - 1)
-        rope = m.rope(k, positions, length)
+        rope = m.rope(k, positions, length, flex=self.attention == "flex")
         z = m.trunk(tokens, rope, cache)
         logits = m.head_logits(0, z, rope, cache)
         if k == 1:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from bytelm.config import ModelConfig, trunk_layers
 
@@ -66,12 +67,15 @@ class Rope:
 
     Without a cache the positions are 0..T-1 and attention is plain causal. With a cache,
     each row b has its own positions (B, T) and attends to every cached key at a position
-    <= its query's position (`mask`, (B, 1, T, L))."""
+    <= its query's position: a boolean `mask` (B, 1, T, L) for scaled_dot_product_attention,
+    or the same rule as a FlexAttention `block_mask` (a decoding step with
+    attention="flex", bytelm/generate.py)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     positions: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    block_mask: BlockMask | None = None
 
 
 class KVCache(nn.Module):
@@ -118,7 +122,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k_all, v_all = cache.write(k, v, rope.positions)
-            y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=rope.mask, enable_gqa=gqa)
+            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+            if rope.block_mask is not None:
+                y = flex_attention(q, k_all, v_all, block_mask=rope.block_mask, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=rope.mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -296,11 +304,23 @@ class MTPTransformer(nn.Module):
 
     # -- the two halves ------------------------------------------------------------
 
-    def rope(self, T: int, positions: torch.Tensor | None = None, cache_len: int | None = None) -> Rope:
+    def rope(self, T: int, positions: torch.Tensor | None = None, cache_len: int | None = None,
+             flex: bool = False) -> Rope:
+        """Rotary tables and the attention rule for T positions: 0..T-1 (causal, no cache)
+        or each row's own `positions` (B, T) over `cache_len` cached keys; `flex` gives the
+        cache rule as a FlexAttention block mask instead of a boolean mask."""
         if positions is None:
             return Rope(self.rope_cos[:T][None, None], self.rope_sin[:T][None, None])
         cos = self.rope_cos[positions][:, None]  # (B, 1, T, hd/2)
         sin = self.rope_sin[positions][:, None]
+        if flex:
+            # The block mask also lists, per row, which key blocks hold any key the row
+            # may read: blocks past a row's position are skipped, not masked.
+            def sees(b, h, q, kv):
+                return kv <= positions[b, q]
+
+            block_mask = create_block_mask(sees, positions.shape[0], None, T, cache_len, device=positions.device)
+            return Rope(cos, sin, positions, block_mask=block_mask)
         keys = torch.arange(cache_len, device=positions.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
         return Rope(cos, sin, positions, mask)

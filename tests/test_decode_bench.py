@@ -81,13 +81,18 @@ def test_bench_writes_rows_and_logs_to_mlflow(run_dir):
 
 @pytest.mark.slow
 def test_bench_stories_prompts_default_output(run_dir):
+    """Also two attention kernels: every decoder runs with each, the fastest plain one is
+    the baseline of every row, and FlexAttention's decoders give plain greedy's bytes."""
     p = bench(run_dir, "--prompts", "stories", "--heads", "4", "--batch-sizes", "2", "--n-prompts", "2",
-              "--prompt-len", "40", "--max-new", "8")
+              "--prompt-len", "40", "--max-new", "8", "--attention", "auto,flex")
     assert p.returncode == 0, p.stderr
     out = run_dir / "bench" / "decode_stories_cpu_float32.json"
     rows = json.loads(out.read_text())["rows"]
-    assert [r["heads_used"] for r in rows] == [1, 4]
+    assert [(r["heads_used"], r["attention"]) for r in rows] == [(1, "auto"), (1, "flex"), (4, "auto"), (4, "flex")]
     assert all(r["mismatched_sequences"] == 0 for r in rows)
+    fastest = max(rows[:2], key=lambda r: r["speedup"])
+    assert fastest["speedup"] == 1.0 and min(r["speedup"] for r in rows[:2]) <= 1.0
+    assert all(f"attention {fastest['attention']} (the fastest plain decoder" in r["baseline"] for r in rows)
 
 
 @pytest.mark.slow
@@ -97,6 +102,7 @@ def test_bench_stories_prompts_default_output(run_dir):
     (["--prompts", "nowhere.jsonl"], "neither code, stories nor an existing JSONL file"),
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
     (["--batch-sizes", "0"], "--batch-sizes takes integers >= 1"),
+    (["--attention", "auto,fast"], "--attention takes a comma-separated list of"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_dir, args, message):
     p = bench(run_dir, *args)

@@ -259,3 +259,27 @@ def test_sampling_over_a_cache_prefix_draws_the_same_samples():
         assert b.stats.step_positions < a.stats.step_positions
         assert len({length for _, length in dec._views}) >= 3
     assert a.tokens != ref.run(prompts, 40, tokenizer=TOK, seed=6).tokens  # the samples depend on the seed
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "unembed"])
+def test_flex_attention_steps_give_the_sdpa_steps_tokens(head_type):
+    """attention="flex" (the FlexAttention block mask over each row's positions; here its
+    unfused reference, float64) against the boolean-mask SDPA step: the same tokens, plain
+    and speculative, several batch sizes, length buckets, graph-mode row buckets, rows that
+    stop early; and the same samples at temperature > 0."""
+    model = trained_model(head_type)
+    prompts = prompts_of_lengths(10, 27, 3, 30, 19, 12, seed=2)
+    for k, batch, cls in ((1, 3, Decoder), (2, 8, Decoder), (4, 1, Decoder), (3, 5, _GraphRehearsal)):
+        ref = Decoder(model, heads=k, batch_size=batch, max_len=96, cache_block=8)
+        dec = cls(model, heads=k, batch_size=batch, max_len=96, cache_block=8, attention="flex")
+        a = ref.run(prompts, 40, tokenizer=TOK, stop=["c"])
+        b = dec.run(prompts, 40, tokenizer=TOK, stop=["c"])
+        assert b.tokens == a.tokens and b.finish == a.finish, (k, batch, cls.__name__)
+        assert len({len(t) for t in a.tokens}) > 2
+    s = Sampling(0.8, 0.95)
+    ref = Decoder(model, heads=3, batch_size=4, max_len=96, sampling=s, cache_block=8)
+    dec = Decoder(model, heads=3, batch_size=4, max_len=96, sampling=s, cache_block=8, attention="flex")
+    assert dec.run(prompts, 40, tokenizer=TOK, seed=3).tokens == ref.run(prompts, 40, tokenizer=TOK, seed=3).tokens
+    with pytest.raises(UserError, match="compiled FlexAttention decoding needs a CUDA device"):
+        Decoder(model, attention="flex", compile=True)
+
