@@ -38,9 +38,10 @@ How a batch is decoded
   free slots whose work is discarded). Capturing runs warm-up steps; the step inputs
   they change are saved and restored, and the cache writes they make land at positions
   >= each row's committed position, which the next real step writes before reading
-  (as it does after rejected drafts). `compile=True` runs the step through torch.compile
-  (fused kernels; one compilation per pair) before capture, and `attention` can pin the
-  step's attention kernel.
+  (as it does after rejected drafts). Small prefills (a few prompts: launch-bound) are
+  captured too, per (prompts, padded length); big ones run eagerly. `compile=True` runs the
+  step and the small prefills through torch.compile (fused kernels; one compilation per
+  shape) before capture, and `attention` chooses the step's attention kernel.
 
 Prompts start with the tokenizer's EOS id: in the shards every document follows the EOS
 of the one before, so to the model a prompt after EOS is the start of a file.
@@ -83,6 +84,16 @@ ATTENTION_BACKENDS = ("auto", "efficient", "math", "cudnn", "flex")
 # longest row passes through (a graph costs a few steps to capture; with compile=True
 # each pair is a compilation, where a coarser block, e.g. 1024, bounds the count).
 CACHE_BLOCK = 256
+
+# With CUDA graphs, a prefill of r prompts is captured too (compiled first with
+# compile=True) when r * T <= PREFILL_GRAPH_TOKENS, T being its longest prompt rounded up
+# to a multiple of PREFILL_BLOCK (the prompts are right-padded to T, as in any batched
+# prefill). Such short prefills are launch-bound: eagerly, a 513-byte prompt took ~10 ms
+# on an H200 for a 100M model, 16% of a batch-1 speculative decoding's time and 0.1 of its
+# efficiency (docs/decoding.md). Bigger prefills (refills of many rows at once) are
+# compute-bound, and run eagerly at their exact shape: no graph per shape.
+PREFILL_BLOCK = 128
+PREFILL_GRAPH_TOKENS = 4096
 
 
 # ----------------------------------------------------------------------------- cache views
@@ -298,10 +309,16 @@ class Decoder:
             self.q = None if sampling.greedy or heads == 1 else torch.zeros(batch_size, heads - 1, V, dtype=prob_dtype, device=self.device)
             self.u = torch.zeros(batch_size, 2 * heads, dtype=prob_dtype, device=self.device)
             self.out = torch.zeros(batch_size, heads + 1, dtype=torch.long, device=self.device)  # emitted, n_accepted
+            # a prefill's inputs and output (static, for its graphs)
+            self.pf_idx = torch.zeros(batch_size, self.L, dtype=torch.long, device=self.device)  # right-padded prompts
+            self.pf_lens = torch.ones(batch_size, dtype=torch.long, device=self.device)
+            self.pf_slots = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            self.pf_u = torch.zeros(batch_size, heads, dtype=prob_dtype, device=self.device)
+            self.pf_first = torch.zeros(batch_size, dtype=torch.long, device=self.device)
             self.offsets = torch.arange(heads, device=self.device)
         self.gen = torch.Generator(self.device)
         self._views: dict[tuple[int, int], _CacheView] = {}
-        self._step_fn = self._step
+        self._step_fn, self._prefill_fn = self._step, self._prefill_body
         if compile:
             # One compiled graph per (decoder, row bucket, length bucket): far more than
             # dynamo's default limit of 8 recompilations (past the limit dynamo falls back
@@ -309,11 +326,13 @@ class Decoder:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
             torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
             self._step_fn = torch.compile(self._step, dynamic=False)
+            self._prefill_fn = torch.compile(self._prefill_body, dynamic=False)
         # Rows a step runs on: b itself in eager mode; with graphs, the smallest of these
         # buckets >= b (a graph has a fixed shape, so a few sizes cover every b).
         self._row_buckets = (sorted({min(1 << i, batch_size) for i in range(batch_size.bit_length() + 1)})
                              if cuda_graphs else None)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, length) -> graph, captured on first use
+        self._prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (prompts, padded length) -> graph
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.capture_s = 0.0  # spent capturing graphs (and compiling for them), over the decoder's life
 
@@ -405,34 +424,49 @@ class Decoder:
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
         """Writes the prompts into the given slots' caches; returns their first tokens and
         leaves [first token, drafts] as the slots' next step inputs."""
-        m, k = self.model, self.k
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        T = int(lens.max())
-        idx = torch.zeros(len(prompts), T, dtype=torch.long)  # right-padded with token 0
-        for r, p in enumerate(prompts):
-            idx[r, : len(p)] = torch.tensor(p)
-        idx = idx.to(self.device)
-        at = torch.tensor(slots, device=self.device)
+        r, T = len(prompts), max(map(len, prompts))
+        padded = min(self.L, -(-T // PREFILL_BLOCK) * PREFILL_BLOCK)
+        graphed = self._row_buckets is not None and r * padded <= PREFILL_GRAPH_TOKENS
+        T = padded if graphed else T
+        idx = torch.zeros(r, T, dtype=torch.long)  # right-padded with token 0
+        for i, p in enumerate(prompts):
+            idx[i, : len(p)] = torch.tensor(p)
+        self.pf_idx[:r, :T] = idx.to(self.device)
+        self.pf_lens[:r] = torch.tensor([len(p) for p in prompts])
+        self.pf_slots[:r] = torch.tensor(slots)
+        if not self.sampling.greedy:
+            self.pf_u[:r] = torch.rand(r, self.k, generator=self.gen, device=self.device, dtype=self.pf_u.dtype)
+        if graphed:
+            if (r, T) not in self._prefill_graphs:
+                self._capture(self._prefill_graphs, (r, T), self._prefill_fn)
+            self._prefill_graphs[r, T].replay()
+        else:
+            self._prefill_body(r, T)
+        return self.pf_first[:r].tolist()
+
+    def _prefill_body(self, r: int, T: int) -> None:
+        """The prefill of the r prompts in pf_idx[:r, :T] into slots pf_slots[:r]: static
+        buffers in, static buffers out, so it can be captured."""
+        m = self.model
+        lens, at = self.pf_lens[:r], self.pf_slots[:r]
         c = self.cache
         cache = _CacheView(
             [_SlotSet(kv, at, T) for kv in c.trunk],
             [_SlotSet(kv, at, T) for kv in c.heads] if c.heads is not None else None,
             T,
         )
-        positions = torch.arange(T, device=self.device).expand(len(prompts), T)
+        positions = torch.arange(T, device=self.device).expand(r, T)
         rope = m.rope(T, positions, T)
-        z = m.trunk(idx, rope, cache)
+        z = m.trunk(self.pf_idx[:r, :T], rope, cache)
         logits = self._logits_at(z, rope, cache, lens - 1, first=0)
-        u = None
-        if not self.sampling.greedy:
-            u = torch.rand(len(prompts), k, generator=self.gen, device=self.device, dtype=self.u.dtype)
+        u = None if self.sampling.greedy else self.pf_u[:r]
         first = next_token(logits[:, 0], self.sampling, None if u is None else u[:, 0])
         drafts, q = draft(logits[:, 1:], self.sampling, None if u is None else u[:, 1:])
         self.tokens[at] = torch.cat([first[:, None], drafts], dim=1)
         self.pos[at] = lens
         if self.q is not None:
             self.q[at] = q
-        return first.tolist()
+        self.pf_first[:r] = first
 
     def step(self, b: int, length: int | None = None) -> int:
         """One decoding step of the active slots [0, b) (its results are in `out`).
@@ -441,7 +475,7 @@ class Decoder:
         positions read."""
         s, lb = self._bucket(b), self._length_bucket(length)
         if self._row_buckets is not None and (s, lb) not in self._graphs:
-            self._capture(s, lb)
+            self._capture(self._graphs, (s, lb), self._step_fn)
         if not self.sampling.greedy:
             self.u[:s].uniform_(generator=self.gen)
         if self._row_buckets is not None:
@@ -468,7 +502,8 @@ class Decoder:
         cache only at positions >= its committed token's position P (or, past the prefix,
         onto its last slot, which for a row of a live request is >= P as well), and the
         next real step writes P..P+k-1 before reading them, as after rejected drafts;
-        free and idle rows are rewritten by their next prefill."""
+        free and idle rows are rewritten by their next prefill. A prefill's warm-ups write
+        only the slots that prefill fills (the same values it then writes)."""
         buffers = [t for t in (self.tokens, self.pos, self.q, self.out, self.u) if t is not None]
         saved = [t.clone() for t in buffers]
         try:
@@ -477,22 +512,23 @@ class Decoder:
             for t, v in zip(buffers, saved):
                 t.copy_(v)
 
-    def _capture(self, s: int, length: int) -> None:
-        """The CUDA graph of the step on s rows over `length` positions; the graphs share
-        one memory pool (they are replayed one at a time, on one stream, and keep nothing
-        of their own between replays: every input and output is a static buffer)."""
+    def _capture(self, graphs: dict, key: tuple[int, int], fn) -> None:
+        """graphs[key]: the CUDA graph of fn(*key), a step (rows, cache length) or a
+        prefill (prompts, padded length). The graphs share one memory pool (they are
+        replayed one at a time, on one stream, and keep nothing of their own between
+        replays: every input and output is a static buffer)."""
         t0 = time.perf_counter()
         with torch.inference_mode(), self._preserved_inputs():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):  # warm-up: compilation, cuBLAS workspaces, autotuning
-                    self._step_fn(s, length)
+                    fn(*key)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step_fn(s, length)  # recorded, not run: it changes nothing
-            self._graphs[s, length] = graph
+                fn(*key)  # recorded, not run: it changes nothing
+            graphs[key] = graph
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - t0
 
@@ -538,9 +574,10 @@ class Decoder:
         def admit(slots: list[int]) -> list[int]:
             """Prefills queued prompts into these slots; returns the slots already done."""
             reqs = [queue.popleft() for _ in slots]
-            t = time.perf_counter()
+            t, captured = time.perf_counter(), self.capture_s
             first = self.prefill(slots, [list(prompts[r]) for r in reqs])
-            stats.prefill_s += time.perf_counter() - t
+            stats.capture_s += self.capture_s - captured
+            stats.prefill_s += time.perf_counter() - t - (self.capture_s - captured)
             stats.forwards += 1
             stats.row_forwards += len(slots)
             done = []

@@ -198,19 +198,20 @@ def test_bad_input_is_a_user_error():
 
 class _GraphRehearsal(Decoder):
     """The CUDA-graph mode's control flow on a CPU: steps run on row buckets (1, 2, 4, ...:
-    padding rows are free slots), and the first step of each (rows, length) pair is
-    preceded by what `_capture` runs before recording it, warm-up steps whose effects on
-    the step's buffers are undone (the "graph" replays an eager step)."""
+    padding rows are free slots), small prefills on prompts right-padded to a multiple of
+    PREFILL_BLOCK, and the first step or prefill of each shape is preceded by what
+    `_capture` runs before recording it, warm-ups whose effects on the step's buffers are
+    undone (the "graph" replays an eager step or prefill)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._row_buckets = sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)})
 
-    def _capture(self, s, length):
+    def _capture(self, graphs, key, fn):
         with self._preserved_inputs():
             for _ in range(3):
-                self._step_fn(s, length)
-        self._graphs[s, length] = SimpleNamespace(replay=lambda: self._step_fn(s, length))
+                fn(*key)
+        graphs[key] = SimpleNamespace(replay=lambda: fn(*key))
 
 
 def test_length_buckets():
@@ -283,3 +284,25 @@ def test_flex_attention_steps_give_the_sdpa_steps_tokens(head_type):
     with pytest.raises(UserError, match="compiled FlexAttention decoding needs a CUDA device"):
         Decoder(model, attention="flex", compile=True)
 
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(0.8, 0.95)])
+def test_graphed_prefills_give_the_eager_prefills_outputs(sampling, monkeypatch):
+    """Graph mode captures small prefills with their prompts padded to a multiple of
+    PREFILL_BLOCK (here 16, the cache 96): the tokens and samples are those of exact-length
+    eager prefills, for first prefills and for refills of 1-3 slots, plain and speculative."""
+    import bytelm.generate as generate
+
+    model = trained_model("transformer")
+    prompts = prompts_of_lengths(10, 27, 3, 30, 19, 12, 5, 22, seed=7)
+    monkeypatch.setattr(generate, "PREFILL_BLOCK", 16)
+    for k, batch in ((1, 3), (3, 2), (4, 4)):
+        monkeypatch.setattr(generate, "PREFILL_GRAPH_TOKENS", 0)  # every prefill eager, exact length
+        ref = _GraphRehearsal(model, heads=k, batch_size=batch, max_len=96, sampling=sampling, refill_min=1)
+        a = ref.run(prompts, 30, tokenizer=TOK, stop=["c"], seed=2)
+        monkeypatch.setattr(generate, "PREFILL_GRAPH_TOKENS", 4096)
+        dec = _GraphRehearsal(model, heads=k, batch_size=batch, max_len=96, sampling=sampling, refill_min=1)
+        b = dec.run(prompts, 30, tokenizer=TOK, stop=["c"], seed=2)
+        assert b.tokens == a.tokens and b.finish == a.finish, (k, batch)
+        assert not ref._prefill_graphs
+        assert {T for _, T in dec._prefill_graphs} >= {16, 32} and all(T % 16 == 0 for _, T in dec._prefill_graphs)
