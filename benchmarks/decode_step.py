@@ -3,7 +3,7 @@ verify step (k positions), with the engine's own step (bytelm.generate.Decoder).
 
     python benchmarks/decode_step.py --json out.json [--preset bytes-100m|tokens-135m|cpu]
         [--batch-sizes 1,16] [--heads 1,2,4,8] [--cache 1024] [--dtype bfloat16]
-        [--modes eager,graphs,compile] [--profile]
+        [--modes eager,graphs,compile] [--attention auto,flex] [--flex-split-kv 0,2,4] [--profile]
 
 A randomly initialised model of the preset's shape (a step's cost does not depend on the
 weights); every slot's cache is filled to half its length by a prefill, then the step is
@@ -13,7 +13,8 @@ as `Decoder.run` does after every step. `ratio` is the verify step's cost over t
 decode step's (same mode and batch): a speculative decoder with t tokens per forward
 reaches at most t / ratio times plain decoding's speed, i.e. its efficiency is at most
 1 / ratio. Modes: eager, graphs (one CUDA graph per step), compile (torch.compile, then a
-CUDA graph). --attention pins the step's attention kernel (bytelm.generate.ATTENTION_BACKENDS).
+CUDA graph). --attention chooses the step's attention (bytelm.generate.ATTENTION_BACKENDS);
+--flex-split-kv tries split counts of FlexAttention's decoding kernel (0: PyTorch's choice).
 --profile prints the top kernels of one eager step per (k, batch).
 """
 
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="eager,graphs,compile")
     ap.add_argument("--attention", default="auto", help="attention of the step, comma-separated (bytelm.generate.ATTENTION_BACKENDS: auto, efficient, math, cudnn, flex)")
+    ap.add_argument("--flex-split-kv", default="0",
+                    help="with flex: FlexAttention decoding-kernel split counts to try, comma-separated (0: PyTorch's choice)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
@@ -99,12 +102,14 @@ def main() -> None:
     start = args.cache // 2
     rows, profiles = [], {}
     with torch.inference_mode():
-        for mode, attention in [(m, a) for m in modes for a in args.attention.split(",")]:
+        splits = [int(x) for x in args.flex_split_kv.split(",")]
+        kernels = [(a, n) for a in args.attention.split(",") for n in (splits if a == "flex" else [0])]
+        for mode, (attention, split) in [(m, a) for m in modes for a in kernels]:
             for b in batches:
                 base = None
                 for k in heads:
-                    dec = Decoder(model, heads=k, batch_size=b, max_len=args.cache,
-                                  cuda_graphs=mode != "eager", compile=mode == "compile", attention=attention)
+                    dec = Decoder(model, heads=k, batch_size=b, max_len=args.cache, cuda_graphs=mode != "eager",
+                                  compile=mode == "compile", attention=attention, flex_split_kv=split)
                     prompt = torch.randint(0, model.cfg.vocab_size, (start,)).tolist()
                     dec.prefill(list(range(b)), [prompt] * b)
                     for _ in range(3):
@@ -112,17 +117,18 @@ def main() -> None:
                     gpu = time_steps(dec, b, start, args.chunks, readback=False)
                     full = time_steps(dec, b, start, args.chunks, readback=True)
                     base = base or gpu
-                    rows.append({"mode": mode, "attention": attention, "batch_size": b, "heads": k, "gpu_ms": gpu, "with_readback_ms": full,
-                                 "ratio": gpu / base})
-                    print(f"{mode:8s} {attention:9s} b={b:3d} k={k:2d}  {gpu:.3f} ms  (+readback {full:.3f} ms)  ratio {gpu / base:.2f}", flush=True)
+                    rows.append({"mode": mode, "attention": attention, "flex_split_kv": split, "batch_size": b, "heads": k,
+                                 "gpu_ms": gpu, "with_readback_ms": full, "ratio": gpu / base})
+                    print(f"{mode:8s} {attention:5s} split={split:2d} b={b:3d} k={k:2d}  {gpu:.3f} ms  (+readback {full:.3f} ms)"
+                          f"  ratio {gpu / base:.2f}", flush=True)
                     if args.profile and mode == "eager":
                         profiles[f"{attention}_b{b}_k{k}"] = profile_step(dec, b)
                     del dec
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
-    print(tabulate([[r["mode"], r["attention"], r["batch_size"], r["heads"], f"{r['gpu_ms']:.3f}", f"{r['with_readback_ms']:.3f}",
+    print(tabulate([[r["mode"], r["attention"], r["flex_split_kv"], r["batch_size"], r["heads"], f"{r['gpu_ms']:.3f}", f"{r['with_readback_ms']:.3f}",
                      f"{r['ratio']:.2f}"] for r in rows],
-                   headers=["mode", "attention", "batch", "heads (positions)", "ms/step", "ms/step + readback", "ratio to 1 head"]))
+                   headers=["mode", "attention", "flex split", "batch", "heads (positions)", "ms/step", "ms/step + readback", "ratio to 1 head"]))
     for name, table in profiles.items():
         print(f"\n== eager step {name}: top kernels ==\n{table}")
     hw = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()

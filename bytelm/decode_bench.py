@@ -71,6 +71,9 @@ def add_arguments(p) -> None:
     p.add_argument("--attention", default="auto",
                    help=f"the decoding step's attention, comma-separated ({', '.join(ATTENTION_BACKENDS)}; default auto: "
                         "PyTorch's choice); each decoder runs with each, the fastest plain one is the baseline")
+    p.add_argument("--flex-split-kv", type=int, default=0,
+                   help="with --attention flex: the parts FlexAttention's decoding kernel splits the cache into "
+                        "(default 0: PyTorch's choice, a single part once batch x heads exceeds the GPU's SMs)")
     p.add_argument("--cache-block", type=int, default=CACHE_BLOCK,
                    help=f"a step reads the cache in blocks of this many positions (default {CACHE_BLOCK}); "
                         "with --compile a coarser block means fewer compilations")
@@ -239,6 +242,7 @@ def run_benchmark(
     attention: tuple[str, ...] = ("auto",),
     repeats: int = 1,
     cache_block: int = CACHE_BLOCK,
+    flex_split_kv: int = 0,
 ) -> list[dict]:
     """One row per (heads used, batch size, attention); each batch size's baseline is
     its fastest plain decoder (heads 1) over the attention kernels."""
@@ -253,7 +257,8 @@ def run_benchmark(
     configs = [(b, k, a) for b in batch_sizes for k in heads for a in attention]
     for batch, k, att in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
-                          cuda_graphs=cuda_graphs, compile=compile, attention=att, cache_block=cache_block)
+                          cuda_graphs=cuda_graphs, compile=compile, attention=att, cache_block=cache_block,
+                          flex_split_kv=flex_split_kv)
         runs[batch, k, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
         if torch.cuda.is_available():
@@ -351,7 +356,7 @@ def main(args) -> int:
 
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
                          cuda_graphs=args.cuda_graphs, compile=args.compile, attention=attention,
-                         repeats=args.repeats, cache_block=args.cache_block)
+                         repeats=args.repeats, cache_block=args.cache_block, flex_split_kv=args.flex_split_kv)
     print(table(rows))
 
     run_dir = run_dir_of(args.checkpoint)
@@ -361,7 +366,7 @@ def main(args) -> int:
         "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
         "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": list(attention),
-        "cache_block": args.cache_block, "repeats": args.repeats, "hardware": hardware(),
+        "cache_block": args.cache_block, "flex_split_kv": args.flex_split_kv, "repeats": args.repeats, "hardware": hardware(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},

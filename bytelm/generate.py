@@ -256,7 +256,8 @@ class Decoder:
     `batch_size` slots of one static KV cache of `max_len` positions.
 
     Sampling parameters are fixed per decoder (they are baked into the captured step).
-    `attention` pins the step's attention kernel (ATTENTION_BACKENDS); `refill_min` is the
+    `attention` chooses the step's attention (ATTENTION_BACKENDS), `flex_split_kv` the
+    split count of FlexAttention's decoding kernel (0: PyTorch's); `refill_min` is the
     smallest group of finished slots refilled with one prefill while prompts wait;
     `cache_block` is the granularity of the cache prefix a step reads (a block >= max_len:
     always the whole cache, as a reference).
@@ -275,6 +276,7 @@ class Decoder:
         attention: str = "auto",
         refill_min: int | None = None,
         cache_block: int = CACHE_BLOCK,
+        flex_split_kv: int = 0,
     ):
         n = model.n_future
         if not 1 <= heads <= n:
@@ -285,6 +287,9 @@ class Decoder:
             raise UserError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
         if cache_block < 1:
             raise UserError(f"cache block must be >= 1 position, got {cache_block}")
+        if flex_split_kv < 0:
+            raise UserError(f"the FlexAttention split count must be >= 0 (0: PyTorch's choice), got {flex_split_kv}")
+        self.flex_split_kv = flex_split_kv
         self.cache_block = cache_block
         self.attention = attention
         p = model.tok_emb.weight
@@ -403,7 +408,7 @@ class Decoder:
         # other rows past it are free or idle slots, whose work is discarded and whose
         # cache rows are rewritten before they are read again.
         positions = (self.pos[:s, None] + self.offsets).clamp_max(length - 1)
-        rope = m.rope(k, positions, length, flex=self.attention == "flex")
+        rope = m.rope(k, positions, length, flex=self.attention == "flex", flex_split_kv=self.flex_split_kv)
         z = m.trunk(tokens, rope, cache)
         logits = m.head_logits(0, z, rope, cache)
         if k == 1:

@@ -76,6 +76,7 @@ class Rope:
     positions: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     block_mask: BlockMask | None = None
+    flex_options: dict | None = None  # FlexAttention kernel options (None: PyTorch's choices)
 
 
 class KVCache(nn.Module):
@@ -124,7 +125,8 @@ class Attention(nn.Module):
             k_all, v_all = cache.write(k, v, rope.positions)
             k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
             if rope.block_mask is not None:
-                y = flex_attention(q, k_all, v_all, block_mask=rope.block_mask, enable_gqa=gqa)
+                y = flex_attention(q, k_all, v_all, block_mask=rope.block_mask, enable_gqa=gqa,
+                                   kernel_options=rope.flex_options)
             else:
                 y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=rope.mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
@@ -305,10 +307,13 @@ class MTPTransformer(nn.Module):
     # -- the two halves ------------------------------------------------------------
 
     def rope(self, T: int, positions: torch.Tensor | None = None, cache_len: int | None = None,
-             flex: bool = False) -> Rope:
+             flex: bool = False, flex_split_kv: int = 0) -> Rope:
         """Rotary tables and the attention rule for T positions: 0..T-1 (causal, no cache)
         or each row's own `positions` (B, T) over `cache_len` cached keys; `flex` gives the
-        cache rule as a FlexAttention block mask instead of a boolean mask."""
+        cache rule as a FlexAttention block mask instead of a boolean mask, and
+        `flex_split_kv` > 0 sets the number of parts its decoding kernel splits the cache
+        into (0: PyTorch's choice, 2 per SM over batch × KV heads, which is 1 split, i.e.
+        one thread block reading a whole row, once batch × heads exceeds the SMs)."""
         if positions is None:
             return Rope(self.rope_cos[:T][None, None], self.rope_sin[:T][None, None])
         cos = self.rope_cos[positions][:, None]  # (B, 1, T, hd/2)
@@ -320,7 +325,8 @@ class MTPTransformer(nn.Module):
                 return kv <= positions[b, q]
 
             block_mask = create_block_mask(sees, positions.shape[0], None, T, cache_len, device=positions.device)
-            return Rope(cos, sin, positions, block_mask=block_mask)
+            options = {"SPLIT_KV": flex_split_kv} if flex_split_kv else None
+            return Rope(cos, sin, positions, block_mask=block_mask, flex_options=options)
         keys = torch.arange(cache_len, device=positions.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
         return Rope(cos, sin, positions, mask)

@@ -262,6 +262,7 @@ def test_sampling_over_a_cache_prefix_draws_the_same_samples():
     assert a.tokens != ref.run(prompts, 40, tokenizer=TOK, seed=6).tokens  # the samples depend on the seed
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("head_type", ["transformer", "linear", "unembed"])
 def test_flex_attention_steps_give_the_sdpa_steps_tokens(head_type):
     """attention="flex" (the FlexAttention block mask over each row's positions; here its
@@ -270,9 +271,9 @@ def test_flex_attention_steps_give_the_sdpa_steps_tokens(head_type):
     stop early; and the same samples at temperature > 0."""
     model = trained_model(head_type)
     prompts = prompts_of_lengths(10, 27, 3, 30, 19, 12, seed=2)
-    for k, batch, cls in ((1, 3, Decoder), (2, 8, Decoder), (4, 1, Decoder), (3, 5, _GraphRehearsal)):
+    for k, batch, cls, split in ((1, 3, Decoder, 0), (2, 8, Decoder, 0), (4, 1, Decoder, 2), (3, 5, _GraphRehearsal, 0)):
         ref = Decoder(model, heads=k, batch_size=batch, max_len=96, cache_block=8)
-        dec = cls(model, heads=k, batch_size=batch, max_len=96, cache_block=8, attention="flex")
+        dec = cls(model, heads=k, batch_size=batch, max_len=96, cache_block=8, attention="flex", flex_split_kv=split)
         a = ref.run(prompts, 40, tokenizer=TOK, stop=["c"])
         b = dec.run(prompts, 40, tokenizer=TOK, stop=["c"])
         assert b.tokens == a.tokens and b.finish == a.finish, (k, batch, cls.__name__)
@@ -283,6 +284,8 @@ def test_flex_attention_steps_give_the_sdpa_steps_tokens(head_type):
     assert dec.run(prompts, 40, tokenizer=TOK, seed=3).tokens == ref.run(prompts, 40, tokenizer=TOK, seed=3).tokens
     with pytest.raises(UserError, match="compiled FlexAttention decoding needs a CUDA device"):
         Decoder(model, attention="flex", compile=True)
+    with pytest.raises(UserError, match="split count must be >= 0"):
+        Decoder(model, attention="flex", flex_split_kv=-1)
 
 
 
