@@ -98,6 +98,10 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 0  # 0 = each task's budget (docs/evaluation.md)
     batch_size: int = 64
+    # heads used to sample: 0 = min(n_future, 8), i.e. self-speculative sampling with the
+    # model's heads (exact: the same distribution as plain sampling, docs/decoding.md);
+    # 1 = plain sampling
+    heads: int = 0
     timeout_s: float = 10.0
     workers: int = 0  # 0 = all cores
     apps_path: str = ""  # the full APPS test set (see docs/evaluation.md)

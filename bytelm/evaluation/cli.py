@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="generation batch (eval.batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget in the model's tokens for every task (0 = each task's own, docs/evaluation.md)")
-    p.add_argument("--heads", type=int, default=1, help="decode with k heads: self-speculative sampling, same distribution")
+    p.add_argument("--heads", type=int, help="sample with k heads: self-speculative sampling, the same distribution "
+                                             "(eval.heads; default 0 = min(the model's heads, 8); 1 = plain sampling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -70,7 +71,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         top_p=pick(args.top_p, eval_cfg.top_p),
         batch_size=pick(args.batch_size, eval_cfg.batch_size),
         max_new_tokens=pick(args.max_new_tokens, eval_cfg.max_new_tokens),
-        heads=args.heads, seed=args.seed, device=args.device, dtype=args.dtype,
+        heads=pick(args.heads, eval_cfg.heads), seed=args.seed, device=args.device, dtype=args.dtype,
     )
     checks = [
         (s.n_samples >= 1, "--n-samples must be >= 1"),
@@ -78,7 +79,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         (0 < s.top_p <= 1, "--top-p must be in (0, 1]"),
         (s.batch_size >= 1, "--batch-size must be >= 1"),
         (s.max_new_tokens >= 0, "--max-new-tokens must be >= 0"),
-        (s.heads >= 1, "--heads must be >= 1"),
+        (s.heads >= 0, "--heads must be >= 0 (0: the model's heads, at most 8)"),
         (s.max_problems >= 0, "--max-problems must be >= 0"),
         (s.timeout_s > 0, "--timeout must be > 0"),
         (s.workers >= 0, "--workers must be >= 0"),
