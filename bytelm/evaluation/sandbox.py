@@ -142,8 +142,8 @@ class SandboxUnavailable(RuntimeError):
 
 
 def _prelude() -> None:
-    """The first code of every program (`python -I -S -c`): reads the job (a marshal dict)
-    from stdin, confines itself, runs the solution and the tests, and writes the verdict
+    """The first code of every program (`python -I -S -c _BOOT` loads it, compiled, from
+    stdin): reads the job (a marshal dict) from the rest of stdin, confines itself, runs the solution and the tests, and writes the verdict
     `token \\n status \\n detail` to the harness's pipe. It imports only what is built in or
     already loaded, because it runs once per program."""
     import builtins
@@ -305,6 +305,12 @@ def _prelude() -> None:
 
 
 _PRELUDE = textwrap.dedent(inspect.getsource(_prelude)) + "\n_prelude()\n"
+# The prelude goes to the program compiled (marshal, ahead of the job on its stdin): a fresh
+# interpreter compiling its source took 2.3 ms of the 14 ms a sandboxed program costs
+# (docs/evaluation.md, "Throughput"). The program is the harness's own interpreter
+# (`Executor.python`), so the marshal format is the same.
+_PRELUDE_CODE = marshal.dumps(compile(_PRELUDE, "<prelude>", "exec"))
+_BOOT = f"import marshal,sys;exec(marshal.loads(sys.stdin.buffer.read({len(_PRELUDE_CODE)})))"
 
 # PID 1 of a slot's namespaces, after the mounts: on each byte from the harness it kills
 # every other process of the namespace (kill(-1) from init), reaps the orphans it
@@ -550,9 +556,9 @@ class Executor:
             argv = []
             cwd = slot.workdir
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd, "TMPDIR": cwd}
-        argv += [self.python, "-I", "-S", "-c", _PRELUDE]
+        argv += [self.python, "-I", "-S", "-c", _BOOT]
         verdict_r, verdict_w = os.pipe()
-        payload = marshal.dumps({
+        payload = _PRELUDE_CODE + marshal.dumps({
             "token": token, "verdict_fd": verdict_w, "uid": slot.uid, "cwd": WORKDIR if slot.holder else None,
             "limits": limits, "mode": job.mode, "solution": job.solution, "tests": job.tests,
             "inputs": list(job.inputs), "fn_name": job.fn_name, "class_method": job.class_method,
