@@ -189,3 +189,23 @@ def test_bpe_metric_scores_exactly_the_second_token_of_each_repeat(induction_dat
         second = ind.two_token_split(tok, n["name"])[1]
         assert [len(t.positions) for t in st.targets] == [1] * len(n["spans"])
         assert all(tok.decode([st.ids[t.positions[0] + 1]]) == second for t in st.targets)
+
+
+def test_default_copies_give_about_one_pass_of_a_gpu_run(tmp_path, monkeypatch):
+    """train_copies = 0 makes enough copies for AUTO_TRAIN_BYTES of training text (the
+    GPU sweeps read about that much: each name assignment about once); here on the first
+    400 stories of the sample, with the target scaled down."""
+    text = data_file(STORIES).read_text(encoding="utf-8")
+    head = ind.SEPARATOR.join(text.split(ind.SEPARATOR)[:400]) + ind.SEPARATOR
+    src = tmp_path / "stories.txt"
+    src.write_text(head, encoding="utf-8")
+    monkeypatch.setattr(ind, "AUTO_TRAIN_BYTES", 1_000_000)
+    m = ind.build_induction(tmp_path / "out", ind.InductionOptions(stories=str(src), n_test=5, bpe_vocab=1024))
+    c = m["counts"]
+    copies = m["options"]["train_copies"]
+    assert copies == -(-1_000_000 // c["train_bytes"]) and copies > 1
+    train = sum(len(d) for d in iter_documents(tmp_path / "out" / "corpus" / "train"))
+    assert len(list(iter_documents(tmp_path / "out" / "corpus" / "train"))) == copies * c["train"]
+    assert 0.95 < train / (copies * c["train_bytes"]) < 1.05  # random names change a story's length a little
+    with pytest.raises(UserError, match="--train-copies must be >= 1, or 0"):
+        ind.InductionOptions(stories=str(src), train_copies=-1).check()
