@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="eager,graphs,compile")
-    ap.add_argument("--attention", default="auto", help="attention of the step, comma-separated (bytelm.generate.ATTENTION_BACKENDS: auto, efficient, math, cudnn, flex)")
+    ap.add_argument("--attention", default="auto",
+                    help="attention of the step, comma-separated (bytelm.generate.ATTENTION_BACKENDS)")
     ap.add_argument("--flex-split-kv", default="0",
                     help="with flex: FlexAttention decoding-kernel split counts to try, comma-separated (0: PyTorch's choice)")
     ap.add_argument("--chunks", type=int, default=8)

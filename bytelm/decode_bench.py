@@ -244,14 +244,14 @@ def run_benchmark(
     cache_block: int = CACHE_BLOCK,
     flex_split_kv: int = 0,
 ) -> list[dict]:
-    """One row per (heads used, batch size, attention); each batch size's baseline is
-    its fastest plain decoder (heads 1) over the attention kernels."""
+    """One row per (heads used, batch size, attention); `heads` starts with 1
+    (`heads_to_run`): each batch size's baseline is its fastest plain decoder over the
+    attention kernels."""
     # One cache length for every decoder: attention over the same number of slots.
     max_len = cache_length(model, max(map(len, prompts)), max_new, max(heads))
     kernels = "CUDA graphs" if cuda_graphs else "eager"
     kernels += " + torch.compile" if compile else ""
     kernels += f", cache read in blocks of {cache_block} positions"
-    heads = [1] + [k for k in heads if k != 1]  # the baselines first
     rows = []
     runs = {}
     configs = [(b, k, a) for b in batch_sizes for k in heads for a in attention]

@@ -143,9 +143,10 @@ class SandboxUnavailable(RuntimeError):
 
 def _prelude() -> None:
     """The first code of every program (`python -I -S -c _BOOT` loads it, compiled, from
-    stdin): reads the job (a marshal dict) from the rest of stdin, confines itself, runs the solution and the tests, and writes the verdict
-    `token \\n status \\n detail` to the harness's pipe. It imports only what is built in or
-    already loaded, because it runs once per program."""
+    stdin): reads the job (a marshal dict) from the rest of stdin, confines itself, runs
+    the solution and the tests, and writes the verdict `token \\n status \\n detail` to
+    the harness's pipe. It imports only what is built in or already loaded, because it
+    runs once per program."""
     import builtins
     import io
     import marshal
