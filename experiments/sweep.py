@@ -353,19 +353,23 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
         cmds["synth"] = [[*bytelm, "synth", "eval", "--task", str(t["task"]), "--checkpoint", str(run_dir),
                           "--data", plan.data_root, *map(str, t.get("args", []))]]
     if "eval" in spec.stages:
+        # one command per task, each with its own JSON: a stage cut short by a time limit
+        # keeps (and has logged) the tasks it finished
         e = spec.eval
-        evaluate = [*bytelm, "eval", "--checkpoint", str(run_dir), "--task", _fmt(e.get("tasks", ["humaneval", "mbpp"])),
-                    "--n-samples", str(e.get("n_samples", 200)),
-                    "--temperatures", _fmt(e.get("temperatures", [0.1, 0.2, 0.4, 0.8])),
-                    "--json", str(run_dir / "eval" / "pass_at_k.json"), *map(str, e.get("args", []))]
-        if slots > 1 and "--workers" not in evaluate:
-            evaluate += ["--workers", str(max(1, (os.cpu_count() or 1) // slots))]
-        cmds["eval"] = [evaluate]
+        workers = [] if slots == 1 or "--workers" in map(str, e.get("args", [])) else \
+            ["--workers", str(max(1, (os.cpu_count() or 1) // slots))]
+        cmds["eval"] = [[*bytelm, "eval", "--checkpoint", str(run_dir), "--task", task,
+                         "--n-samples", str(e.get("n_samples", 200)),
+                         "--temperatures", _fmt(e.get("temperatures", [0.1, 0.2, 0.4, 0.8])),
+                         "--json", str(run_dir / "eval" / f"{task}.json"), *map(str, e.get("args", [])), *workers]
+                        for task in e.get("tasks", ["humaneval", "mbpp"])]
     if "bench" in spec.stages:
         b = spec.bench
         bench = [*bytelm, "decode-bench", "--checkpoint", str(run_dir), "--batch-sizes", _fmt(b.get("batch_sizes", [1]))]
-        if "heads" in b:  # the spec's list, cut to the heads this model has (default: decode-bench's 1, 2, 4, ..., n)
-            bench += ["--heads", _fmt([h for h in b["heads"] if h <= plan.n_future] or [1])]
+        # the spec's list cut to the heads this model has, else decode-bench's 1, 2, 4, ..., n;
+        # an n = 1 model runs plain decoding alone (its throughput)
+        if "heads" in b or plan.n_future == 1:
+            bench += ["--heads", _fmt([h for h in b.get("heads", [1]) if h <= plan.n_future] or [1])]
         if "max_new" in b:
             bench += ["--max-new", str(b["max_new"])]
         # one benchmark per prompt set (the paper's code vs text comparison), each its own JSON

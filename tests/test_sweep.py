@@ -239,11 +239,28 @@ def test_concurrent_evaluations_share_the_cores(tmp_path, monkeypatch):
     from experiments.sweep import stage_commands
 
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
-    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], eval={"tasks": ["humaneval"]}))
+    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], eval={"tasks": ["humaneval", "mbpp"]}))
     plan = plan_sweep(spec)[0]
-    alone = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False)["eval"][0]
-    shared = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False, slots=3)["eval"][0]
-    assert "--workers" not in alone and shared[shared.index("--workers") + 1] == "10"
+    alone = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False)["eval"]
+    shared = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False, slots=3)["eval"]
+    # one command per task, each with its own JSON (a stage cut short keeps the tasks it finished)
+    assert [(c[c.index("--task") + 1], Path(c[c.index("--json") + 1]).name) for c in shared] == [
+        ("humaneval", "humaneval.json"), ("mbpp", "mbpp.json")]
+    assert all("--workers" not in c for c in alone) and all(c[c.index("--workers") + 1] == "10" for c in shared)
     spec.eval["args"] = ["--workers", "4"]
     own = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False, slots=3)["eval"][0]
     assert own.count("--workers") == 1 and own[own.index("--workers") + 1] == "4"
+
+
+def test_bench_commands_cut_heads_to_the_model(tmp_path):
+    """Without a heads list, decode-bench picks 1, 2, 4, ..., n; an n = 1 model (which
+    decode-bench would refuse to speculate with) measures plain decoding alone."""
+    from experiments.sweep import stage_commands
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "bench"], bench={"batch_sizes": [1, 16]},
+                                grid={"vocab": {"bytes": {"n": [1, 8], "head_type": "unembed"}}, "seed": [0]}))
+    heads = {}
+    for plan in plan_sweep(spec):
+        (cmd,) = stage_commands(spec, plan, tmp_path / plan.name, parent_run_id=None, use_mlflow=False)["bench"]
+        heads[plan.n_future] = cmd[cmd.index("--heads") + 1] if "--heads" in cmd else None
+    assert heads == {1: "1", 8: None}

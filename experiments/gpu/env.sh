@@ -7,5 +7,8 @@ export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m bytelm "$@"\n' > /tmp/bin/bytelm && chmod +x /tmp/bin/bytelm
 export PATH=/tmp/bin:$PATH  # `bytelm` as a command (timeout runs commands, not functions)
+# seconds left of this call: a command is cut at 600 s, the results need ~30 s to pack
+# (at least 1: `timeout 0` would mean no limit)
+left() { local s=$(( ${CALL_S:-565} - SECONDS )); echo $(( s > 1 ? s : 1 )); }
 # the run folders without their checkpoints (what comes back from the machine)
 pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --exclude='*.results.jsonl' "$@"; }

@@ -1,0 +1,39 @@
+# GPU session calls 2 and 3 of 2026-11-30, session 4 (2 H200s, under 10 minutes each,
+# right after call 1 on the same machine, whose checkpoints they read). Each call does
+# what is left, in this order, until its time is up:
+# 1. the main study's evaluations (sweep --stages eval: the nine runs at once over both
+#    GPUs, each task its own command and JSON; a run whose stage finished is skipped);
+# 2. then, each GPU alone so that its timings are clean:
+#    GPU 0: issue 4's measurement on the byte n = 8 model: decode-bench with compiled and
+#      CUDA-graphed steps, attention auto and flex, heads 1 and 8, batch 1 then batch 16,
+#      then a float32 equality audit of the compiled flex step;
+#    GPU 1: the sweep's decoding benchmarks (CUDA graphs), one run at a time, the runs
+#      that decide a finding first.
+# A benchmark cut short writes nothing (its JSON is written whole) and runs again next call.
+source experiments/gpu/env.sh
+SPEC=experiments/sweeps/main_h200x2.yaml
+RUNS=runs/main_h200x2/runs
+[ -f $RUNS/bytes-n8-unembed-s0/config.yaml ] || { echo "no trained runs here: a fresh machine" > "$OUT/main_eval.log"; exit 1; }
+timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval >> "$OUT/main_eval.log" 2>&1
+echo "eval sweep exit $? with $(left) s left" >> "$OUT/main_eval.log"
+
+D4=runs/decode4  # its own folder (symlinked checkpoint), so its metrics do not mix with the sweep's bench
+mkdir -p $D4/checkpoints
+[ -e $D4/checkpoints/n8 ] || ln -s "$(ls -d $PWD/$RUNS/bytes-n8-unembed-s0/checkpoints/step_* | tail -n 1)" $D4/checkpoints/n8
+spec4() {  # BATCH [extra decode-bench flags]
+  local b=$1; shift
+  [ -f $D4/b$b.json ] || [ "$(left)" -lt 120 ] || CUDA_VISIBLE_DEVICES=0 timeout $(left) bytelm decode-bench \
+    --checkpoint $D4/checkpoints/n8 --cuda-graphs --compile --prompts code --n-prompts 16 --prompt-len 512 --max-new 512 \
+    --cache-block 2048 --heads 1,8 --batch-sizes $b "$@" --json $D4/b$b.json > $D4/b$b.log 2>&1
+}
+(spec4 1 --attention auto,flex; spec4 16 --attention auto,flex; spec4 4 --attention flex --dtype float32 --n-prompts 8 --prompt-len 256 --max-new 128) &
+for r in bytes-n8-unembed-s0 bpe-n4-transformer-s0 bytes-n16-unembed-s0 bpe-n2-transformer-s0 bytes-n32-unembed-s0 \
+         bpe-n8-transformer-s0 bpe-n6-transformer-s0 bytes-n1-unembed-s0 bpe-n1-transformer-s0; do
+  [ "$(left)" -gt 90 ] || break
+  timeout $(left) bytelm sweep $SPEC --no-mlflow --stages bench --devices cuda:1 --only $r >> "$OUT/main_bench.log" 2>&1
+done
+wait
+pack main_eval_bench runs/main_h200x2 $D4
+for arm in bytes bpe; do
+  tar cJf "$OUT/main_${arm}_samples.tar.xz" $RUNS/$arm-*/eval/*.results.jsonl 2>/dev/null
+done
