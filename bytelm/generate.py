@@ -185,6 +185,17 @@ class DecodeStats:
         reached = [self.row_steps] + self.accepted[:-1]
         return [a / r if r else 0.0 for a, r in zip(self.accepted, reached)]
 
+    def merge(self, other: "DecodeStats") -> "DecodeStats":
+        """The counters of two runs of the same decoder added up (an evaluation's chunks)."""
+        if (other.heads, other.batch_size) != (self.heads, self.batch_size):
+            raise ValueError("DecodeStats.merge: runs of different decoders")
+        d = {f: getattr(self, f) + getattr(other, f) for f in
+             ("sequences", "tokens", "forwards", "steps", "row_forwards", "idle_row_steps", "step_positions",
+              "wall_s", "prefill_s", "step_s", "capture_s")}
+        return DecodeStats(self.heads, self.batch_size, **d,
+                           bytes=None if self.bytes is None or other.bytes is None else self.bytes + other.bytes,
+                           accepted=[a + b for a, b in zip(self.accepted, other.accepted)])
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for name in ("row_steps", "tokens_per_forward", "bytes_per_forward", "acceptance_by_depth",

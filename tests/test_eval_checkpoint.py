@@ -46,6 +46,12 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
         for sc in s["by_temperature"].values():
             assert sc["n_samples"] == 4 and set(sc["pass_at_k"]) == {"1"} and 0 <= sc["pass_at_k"]["1"] <= 1
         assert s["best"]["1"]["temperature"] in (0.2, 0.8)
+    # the decoder's counters per temperature: 2 problems x 2 samples, at most 2 tokens per
+    # forward with 2 heads; MBPP's prompts did not fit, so nothing was decoded for it
+    for dec in summary["tasks"]["humaneval"]["decoding"].values():
+        assert dec["heads"] == 2 and dec["sequences"] == 4 and len(dec["acceptance_by_depth"]) == 1
+        assert 0 < dec["tokens"] <= 2 * dec["row_forwards"] and dec["steps"] > 0 and dec["wall_s"] > 0
+    assert set(summary["tasks"]["humaneval"]["decoding"]) == {"0.2", "0.8"} and summary["tasks"]["mbpp"]["decoding"] == {}
     results = [json.loads(line) for line in (run_dir / "eval" / "pass_at_k.results.jsonl").read_text().splitlines()]
     assert len(results) == 2 * 2 * 2 * 2  # tasks x temperatures x problems x samples
     assert {r["status"] for r in results} <= {"passed", "failed", "timeout", "error"}

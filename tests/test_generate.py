@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bytelm.config import ModelConfig
 from bytelm.errors import UserError
-from bytelm.generate import Decoder, cut_at_stop, encode_prompt, generate, generate_ids
+from bytelm.generate import DecodeStats, Decoder, cut_at_stop, encode_prompt, generate, generate_ids
 from bytelm.model import MTPTransformer
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import ByteTokenizer
@@ -157,6 +157,14 @@ def test_decoder_is_reusable_and_sampling_is_seeded():
     assert a.tokens == b.tokens and a.tokens != c.tokens
     greedy = Decoder(model, heads=3, batch_size=2, max_len=64)
     assert greedy.run(prompts, 20, tokenizer=TOK).tokens == greedy.run(prompts[::-1], 20, tokenizer=TOK).tokens[::-1]
+    # an evaluation adds up the counters of its chunks
+    both = a.stats.merge(c.stats)
+    assert (both.sequences, both.tokens, both.steps) == (8, a.stats.tokens + c.stats.tokens, a.stats.steps + c.stats.steps)
+    assert both.accepted == [x + y for x, y in zip(a.stats.accepted, c.stats.accepted)]
+    assert both.bytes == a.stats.bytes + c.stats.bytes
+    assert both.tokens_per_forward == pytest.approx(both.tokens / (a.stats.row_forwards + c.stats.row_forwards))
+    with pytest.raises(ValueError, match="different decoders"):
+        a.stats.merge(DecodeStats(heads=1, batch_size=2))
 
 
 def test_generate_returns_completions_cut_at_stops():

@@ -240,6 +240,9 @@ class _Sampler:
     s: EvalSettings
     cuda_graphs: bool = False
     seconds: float = 0.0  # spent generating
+    # per (task, temperature): the decoder's counters summed over the chunks (time per
+    # step, prefills, tokens per forward, and how often drafts are kept when sampling)
+    decoding: dict = field(default_factory=dict)
 
     def too_long(self, problems: list[Problem]) -> set[str]:
         """Ids of the problems whose prompt does not fit the model's context."""
@@ -276,6 +279,8 @@ class _Sampler:
                     stop=list(spec.stop), seed=s.seed + zlib.crc32(f"{task}/{temp_index}/{ci}".encode()),
                 )
                 self.seconds += time.perf_counter() - t0
+                key = (task, temp)
+                self.decoding[key] = self.decoding[key].merge(gen.stats) if key in self.decoding else gen.stats
                 for j, t in enumerate(gen.tokens):  # programs run while the next chunk generates
                     c = cut_at_stop(self.tokenizer.decode(t), spec.stop)
                     pending.append((chunk[j // n], j % n, c, ex.submit(chunk[j // n].job(c))))
@@ -341,6 +346,8 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
                 "prompts_too_long": len(sampler.too_long(problems)),
                 "max_new_tokens": s.max_new_tokens or max_new_tokens(TASKS[task], tokenizer.kind),
                 "stop": list(TASKS[task].stop), "by_temperature": per_t, "best": {str(k): v for k, v in best.items()},
+                "decoding": {f"{t:g}": sampler.decoding[task, t].to_dict() for t in s.temperatures
+                             if (task, t) in sampler.decoding},
             }
         summary["sandbox"] = ex.isolation
     metrics["eval/n_samples"] = s.n_samples  # samples per problem and temperature, for the report's caption
