@@ -52,6 +52,7 @@ def passk_vs_k(runs: pd.DataFrame, path: Path) -> bool:
         ax.minorticks_off()
         ax.set_xlabel("k")
         ax.set_ylabel("pass@k (%)")
+        ax.set_ylim(bottom=0)  # a rate: all-zero results sit on the axis, not mid-plot
         ax.set_title(TASK_TITLES.get(task, task))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
@@ -77,6 +78,8 @@ def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
             ax.errorbar(stats.index.astype(int), scale * stats["mean"], yerr=scale * stats["std"].fillna(0),
                         marker="o", capsize=3, label=VOCAB_TITLES.get(vocab, vocab))
         ax.set_xlabel("n (future tokens predicted)")
+        if scale == 100:  # pass@1: a rate
+            ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].legend()

@@ -10,12 +10,16 @@
 #    GPU 1: the sweep's decoding benchmarks (CUDA graphs), one run at a time, the runs
 #      that decide a finding first.
 # A benchmark cut short writes nothing (its JSON is written whole) and runs again next call.
+# EVAL=0 leaves step 1 out (runs trained again only for their benchmarks: their evaluations
+# were done on the 2026-11-30 pass, docs/results/main/README.md).
 source experiments/gpu/env.sh
 SPEC=experiments/sweeps/main_h200x2.yaml
 RUNS=runs/main_h200x2/runs
 [ -f $RUNS/bytes-n8-unembed-s0/config.yaml ] || { echo "no trained runs here: a fresh machine" > "$OUT/main_eval.log"; exit 1; }
-timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval >> "$OUT/main_eval.log" 2>&1
-echo "eval sweep exit $? with $(left) s left" >> "$OUT/main_eval.log"
+if [ "${EVAL:-1}" != 0 ]; then
+  timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval >> "$OUT/main_eval.log" 2>&1
+  echo "eval sweep exit $? with $(left) s left" >> "$OUT/main_eval.log"
+fi
 
 D4=runs/decode4  # its own folder (symlinked checkpoint), so its metrics do not mix with the sweep's bench
 mkdir -p $D4/checkpoints
