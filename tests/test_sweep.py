@@ -264,3 +264,20 @@ def test_bench_commands_cut_heads_to_the_model(tmp_path):
         (cmd,) = stage_commands(spec, plan, tmp_path / plan.name, parent_run_id=None, use_mlflow=False)["bench"]
         heads[plan.n_future] = cmd[cmd.index("--heads") + 1] if "--heads" in cmd else None
     assert heads == {1: "1", 8: None}
+
+
+def test_the_main_study_spec_plans_its_runs_and_second_seeds(smoke_data):
+    """experiments/sweeps/main_h200x2.yaml: nine seed-0 runs matched on bytes, and the
+    second seed (its `include`, YAML anchors for each arm's settings) of the four runs
+    that decide a finding, selected alone with --only '*-s1'."""
+    spec = load_spec(REPO / "experiments" / "sweeps" / "main_h200x2.yaml")
+    plans = plan_sweep(spec, [f"data.root={smoke_data}"])
+    assert len(plans) == 13 and len({p.train_bytes for p in plans}) == 2  # one per arm (steps round up)
+    seconds = plan_sweep(spec, [f"data.root={smoke_data}"], only="*-s1")
+    assert [p.name for p in seconds] == ["bytes-n1-unembed-s1", "bytes-n8-unembed-s1", "bpe-n1-transformer-s1",
+                                         "bpe-n4-transformer-s1"]
+    first = {p.name: p for p in plans}
+    for p in seconds:  # the same configuration as its seed-0 twin but for the seed
+        twin = first[p.name[:-1] + "0"]
+        assert [o for o in p.overrides if not o.startswith("train.seed=")] == \
+            [o for o in twin.overrides if not o.startswith("train.seed=")] and "train.seed=1" in p.overrides

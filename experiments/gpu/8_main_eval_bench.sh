@@ -17,7 +17,7 @@ SPEC=experiments/sweeps/main_h200x2.yaml
 RUNS=runs/main_h200x2/runs
 [ -f $RUNS/bytes-n8-unembed-s0/config.yaml ] || { echo "no trained runs here: a fresh machine" > "$OUT/main_eval.log"; exit 1; }
 if [ "${EVAL:-1}" != 0 ]; then
-  timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval >> "$OUT/main_eval.log" 2>&1
+  timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval --only '*-s0' >> "$OUT/main_eval.log" 2>&1
   echo "eval sweep exit $? with $(left) s left" >> "$OUT/main_eval.log"
 fi
 
