@@ -1,8 +1,10 @@
 # GPU session calls 2 and 3 of 2026-11-30, session 4 (2 H200s, under 10 minutes each,
 # right after call 1 on the same machine, whose checkpoints they read). Each call does
 # what is left, in this order, until its time is up:
-# 1. the main study's evaluations (sweep --stages eval: the nine runs at once over both
-#    GPUs, each task its own command and JSON; a run whose stage finished is skipped);
+# 1. the main study's evaluations (sweep --stages eval: two at a time per GPU, each task its
+#    own command and JSON; a run whose stage finished is skipped). On 2026-11-30 all nine
+#    ran at once: the GPU is their bottleneck, so they took as long as in turn, and a call
+#    that ended first kept none; two per GPU land results as they go;
 # 2. then, each GPU alone so that its timings are clean:
 #    GPU 0: issue 4's measurement on the byte n = 8 model: decode-bench with compiled and
 #      CUDA-graphed steps, attention auto and flex, heads 1 and 8, batch 1 then batch 16,
@@ -17,7 +19,8 @@ SPEC=experiments/sweeps/main_h200x2.yaml
 RUNS=runs/main_h200x2/runs
 [ -f $RUNS/bytes-n8-unembed-s0/config.yaml ] || { echo "no trained runs here: a fresh machine" > "$OUT/main_eval.log"; exit 1; }
 if [ "${EVAL:-1}" != 0 ]; then
-  timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval --only '*-s0' >> "$OUT/main_eval.log" 2>&1
+  timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval --only '*-s0' --devices cuda:0,cuda:1,cuda:0,cuda:1 \
+    >> "$OUT/main_eval.log" 2>&1
   echo "eval sweep exit $? with $(left) s left" >> "$OUT/main_eval.log"
 fi
 
