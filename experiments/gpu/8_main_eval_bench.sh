@@ -41,6 +41,4 @@ for r in bytes-n8-unembed-s0 bpe-n4-transformer-s0 bytes-n16-unembed-s0 bpe-n2-t
 done
 wait
 pack main_eval_bench runs/main_h200x2 $D4
-for arm in bytes bpe; do
-  tar cJf "$OUT/main_${arm}_samples.tar.xz" $RUNS/$arm-*/eval/*.results.jsonl 2>/dev/null
-done
+for arm in bytes bpe; do pack_samples main_${arm}_samples $RUNS/$arm-*-s0/eval/*.results.jsonl; done

@@ -13,3 +13,4 @@ echo "sweep exit $? with $(left) s left" >> "$OUT/seeds_train.log"
 timeout $(left) bytelm sweep $SPEC --no-mlflow --stages eval --only '*-s1' > "$OUT/seeds_eval.log" 2>&1
 echo "eval sweep exit $? with $(left) s left" >> "$OUT/seeds_eval.log"
 pack main_seeds runs/main_h200x2/runs/*-s1
+pack_samples main_seeds_samples runs/main_h200x2/runs/*-s1/eval/*.results.jsonl

@@ -7,8 +7,11 @@ export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m bytelm "$@"\n' > /tmp/bin/bytelm && chmod +x /tmp/bin/bytelm
 export PATH=/tmp/bin:$PATH  # `bytelm` as a command (timeout runs commands, not functions)
-# seconds left of this call: a command is cut at 600 s, the results need ~30 s to pack
-# (at least 1: `timeout 0` would mean no limit)
-left() { local s=$(( ${CALL_S:-565} - SECONDS )); echo $(( s > 1 ? s : 1 )); }
+# seconds left of this call: a command is cut at 600 s, and packing the results took up to
+# 45 s (2026-11-30: a call whose deadline was 565 s ended at 597 s, one at 545 s was cut
+# while compressing). At least 1: `timeout 0` would mean no limit.
+left() { local s=$(( ${CALL_S:-540} - SECONDS )); echo $(( s > 1 ? s : 1 )); }
 # the run folders without their checkpoints (what comes back from the machine)
 pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --exclude='*.results.jsonl' "$@"; }
+# each sample of the evaluations (the *.results.jsonl files), compressed on every core
+pack_samples() { local name=$1; shift; tar cf - "$@" 2>/dev/null | xz -T0 -3 > "$OUT/$name.tar.xz"; }
