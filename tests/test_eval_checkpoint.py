@@ -11,6 +11,7 @@ import torch
 from bytelm.checkpoint import save_checkpoint
 from bytelm.cli import main as bytelm
 from bytelm.config import config_from_dict, to_dict
+from bytelm.generate import Decoder
 from bytelm.model import MTPTransformer
 from bytelm.tokenizers import ByteTokenizer
 from bytelm.tracking import Tracker, mlflow_client
@@ -28,32 +29,42 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
     with Tracker(run_dir, to_dict(cfg), experiment="eval-test", run_name="tiny", use_mlflow=True) as t:
         t.set_status("finished")
     save_checkpoint(run_dir, "step_0000001", MTPTransformer(cfg.model), cfg, ByteTokenizer(), {"step": 1})
+    # the prompts each Decoder.run gets, in order (the real method runs)
+    prompt_lengths = []
+    run = Decoder.run
+    monkeypatch.setattr(Decoder, "run", lambda self, prompts, *a, **kw: prompt_lengths.append(list(map(len, prompts)))
+                        or run(self, prompts, *a, **kw))
 
     with pytest.raises(SystemExit) as e:
         bytelm(["eval", "--checkpoint", str(run_dir), "--task", "humaneval,mbpp", "--n-samples", "2",
-                "--temperatures", "0.2,0.8", "--max-problems", "2", "--batch-size", "4", "--device", "cpu",
+                "--temperatures", "0.2,0.8", "--max-problems", "3", "--batch-size", "4", "--device", "cpu",
                 "--max-new-tokens", "32"])
     assert e.value.code == 0
+    # shortest prompts first (HumanEval/2, /0, /1: 331, 348, 506 bytes), each sample of a
+    # problem beside the others; MBPP's prompts do not fit the context, so nothing decodes
+    assert prompt_lengths == [[332] * 2 + [349] * 2 + [507] * 2] * 2
 
     out = run_dir / "eval" / "pass_at_k.json"
     summary = json.loads(out.read_text())
     assert summary["n_samples"] == 2 and summary["temperatures"] == [0.2, 0.8]
     assert summary["heads"] == 2  # by default the model's heads (here 2): self-speculative sampling
-    assert summary["tasks"]["humaneval"]["prompts_too_long"] == 0 and summary["tasks"]["mbpp"]["prompts_too_long"] == 2
+    assert summary["tasks"]["humaneval"]["prompts_too_long"] == 0 and summary["tasks"]["mbpp"]["prompts_too_long"] == 3
     for task in ("humaneval", "mbpp"):
         s = summary["tasks"][task]
-        assert set(s["by_temperature"]) == {"0.2", "0.8"} and s["n_problems"] == 2
+        assert set(s["by_temperature"]) == {"0.2", "0.8"} and s["n_problems"] == 3
         for sc in s["by_temperature"].values():
-            assert sc["n_samples"] == 4 and set(sc["pass_at_k"]) == {"1"} and 0 <= sc["pass_at_k"]["1"] <= 1
+            assert sc["n_samples"] == 6 and set(sc["pass_at_k"]) == {"1"} and 0 <= sc["pass_at_k"]["1"] <= 1
         assert s["best"]["1"]["temperature"] in (0.2, 0.8)
-    # the decoder's counters per temperature: 2 problems x 2 samples, at most 2 tokens per
+    # the decoder's counters per temperature: 3 problems x 2 samples, at most 2 tokens per
     # forward with 2 heads; MBPP's prompts did not fit, so nothing was decoded for it
     for dec in summary["tasks"]["humaneval"]["decoding"].values():
-        assert dec["heads"] == 2 and dec["sequences"] == 4 and len(dec["acceptance_by_depth"]) == 1
+        assert dec["heads"] == 2 and dec["sequences"] == 6 and len(dec["acceptance_by_depth"]) == 1
         assert 0 < dec["tokens"] <= 2 * dec["row_forwards"] and dec["steps"] > 0 and dec["wall_s"] > 0
     assert set(summary["tasks"]["humaneval"]["decoding"]) == {"0.2", "0.8"} and summary["tasks"]["mbpp"]["decoding"] == {}
     results = [json.loads(line) for line in (run_dir / "eval" / "pass_at_k.results.jsonl").read_text().splitlines()]
-    assert len(results) == 2 * 2 * 2 * 2  # tasks x temperatures x problems x samples
+    assert len(results) == 2 * 2 * 3 * 2  # tasks x temperatures x problems x samples
+    # in the benchmark's order, whatever order they were decoded in
+    assert [(r["task_id"], r["sample"]) for r in results[:6]] == [(f"HumanEval/{j}", i) for j in range(3) for i in range(2)]
     assert {r["status"] for r in results} <= {"passed", "failed", "timeout", "error"}
     assert all(isinstance(r["completion"], str) and r["network_isolated"] for r in results)
     # an untrained model writes bytes, not code: nothing passes, every program still ran
