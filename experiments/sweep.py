@@ -391,6 +391,13 @@ def stage_done(run_dir: Path, stage: str) -> bool:
     return stage == "train" and _train_status(run_dir) == "finished"
 
 
+def _output_exists(cmd: list[str]) -> bool:
+    """Whether a stage command's --json output is there: such outputs are written whole at
+    the command's end, so an evaluation task that finished before its stage was cut short
+    does not run again."""
+    return "--json" in cmd and Path(cmd[cmd.index("--json") + 1]).is_file()
+
+
 def last_error(log: Path) -> str:
     """The line of a stage's log that says what went wrong: the last error-looking line
     (a `bytelm ...: error:` line, an exception), else the last line."""
@@ -512,6 +519,9 @@ class SweepRunner:
             rc = 0
             with open(log_path, "a") as f:
                 for cmd in stage_cmds:
+                    if _output_exists(cmd):  # done by an earlier, interrupted call of this stage
+                        f.write(f"\n(done: {cmd[cmd.index('--json') + 1]}) {' '.join(cmd)}\n")
+                        continue
                     f.write(f"\n$ {' '.join(cmd)}\n")
                     f.flush()
                     rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode

@@ -159,9 +159,16 @@ def test_cpu_sweep_in_mlflow_with_a_failing_run_and_a_rerun(smoke_data, tmp_path
     run_dir = tmp_path / "out" / "runs" / "bytes-n4-unembed-s0"
     (run_dir / "stages" / "train.json").unlink()
     (run_dir / "status.json").write_text(json.dumps({"status": "killed", "error": None, "step": 4}))
+    # an eval stage cut short after its tasks' JSON was written: the task does not run again
+    bpe_dir = tmp_path / "out" / "runs" / "bpe-n2-transformer-s0"
+    (bpe_dir / "stages" / "eval.json").unlink()
+    written = (bpe_dir / "eval" / "humaneval.json").stat().st_mtime_ns
     r = run_sweep(spec, tmp_path, uri, "--set", f"data.root={smoke_data}")
     assert r.returncode == 1
+    assert (bpe_dir / "eval" / "humaneval.json").stat().st_mtime_ns == written
+    assert f"(done: {bpe_dir / 'eval' / 'humaneval.json'})" in (bpe_dir / "logs" / "eval.log").read_text()
     summary = {x["name"]: x for x in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]}
+    assert summary["bpe-n2-transformer-s0"]["stages"]["eval"] == "finished"
     assert summary["bytes-n1-unembed-s0"]["stages"] == {"train": "skipped", "eval": "skipped", "bench": "skipped"}
     assert summary["bytes-n4-unembed-s0"]["stages"] == {"train": "finished", "eval": "skipped", "bench": "skipped"}
     assert summary["broken"]["stages"] == {"train": "failed", "eval": "not run", "bench": "not run"}
