@@ -3,9 +3,9 @@
 # what is left, in this order, until its time is up:
 # 1. the main study's evaluations (sweep --stages eval: two at a time per GPU, each task its
 #    own command and JSON; a run whose stage finished, or a task whose JSON is there, is
-#    skipped). On 2026-11-30 all nine
-#    ran at once: the GPU is their bottleneck, so they took as long as in turn, and a call
-#    that ended first kept none; two per GPU land results as they go;
+#    skipped). On 2026-11-30 all nine ran at once: the GPU is their bottleneck, so they
+#    took as long as in turn, and a call that ended first kept none; two per GPU land
+#    results as they go;
 # 2. then, each GPU alone so that its timings are clean:
 #    GPU 0: issue 4's measurement on the byte n = 8 model: decode-bench with compiled and
 #      CUDA-graphed steps, attention auto and flex, heads 1 and 8, batch 1 then batch 16,
