@@ -52,7 +52,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -189,10 +189,9 @@ class DecodeStats:
         """The counters of two runs of the same decoder added up (an evaluation's chunks)."""
         if (other.heads, other.batch_size) != (self.heads, self.batch_size):
             raise ValueError("DecodeStats.merge: runs of different decoders")
-        d = {f: getattr(self, f) + getattr(other, f) for f in
-             ("sequences", "tokens", "forwards", "steps", "row_forwards", "idle_row_steps", "step_positions",
-              "wall_s", "prefill_s", "step_s", "capture_s")}
-        return DecodeStats(self.heads, self.batch_size, **d,
+        counters = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                    if f.name not in ("heads", "batch_size", "bytes", "accepted")}
+        return DecodeStats(self.heads, self.batch_size, **counters,
                            bytes=None if self.bytes is None or other.bytes is None else self.bytes + other.bytes,
                            accepted=[a + b for a, b in zip(self.accepted, other.accepted)])
 

@@ -2,7 +2,7 @@
 # (experiments/sweeps/main_h200x2.yaml) on the corpus call 1 prepared (prepared again
 # if this machine is a fresh one).
 source experiments/gpu/env.sh
-[ -f data/python-env/bpe/val/meta.json ] || bytelm prepare --source python-env --out data/python-env > "$OUT/prepare.log" 2>&1
+prepare_python_env
 timeout 570 bytelm sweep experiments/sweeps/main_h200x2.yaml --no-mlflow --stages train > "$OUT/main_train.log" 2>&1
 echo "sweep exit $?" >> "$OUT/main_train.log"
 nvidia-smi > "$OUT/nvidia-smi.txt"

@@ -5,7 +5,7 @@
 # whole h200 preset (issue 3), which now has a context-4,096 row, profiled (its
 # compilations hit the cache the two runs filled, so it fits in 100 s).
 source experiments/gpu/env.sh
-[ -f data/python-env/bpe/val/meta.json ] || bytelm prepare --source python-env --out data/python-env > "$OUT/prepare.log" 2>&1
+prepare_python_env
 train() {
   CUDA_VISIBLE_DEVICES=$1 timeout 440 bytelm train --config experiments/configs/bytes_100m.yaml --run-dir runs/bytes100m/n$2 \
     --set model.n_future=$2 --set train.steps=2000 --set train.time_limit_s=420 --set tracking.mlflow=false \

@@ -6,7 +6,7 @@
 source experiments/gpu/env.sh
 (CUDA_VISIBLE_DEVICES=0 timeout 240 bash experiments/gpu/graph_smoke.sh /tmp/graph_smoke > "$OUT/graph_smoke.log" 2>&1
  echo "graph smoke exit $?" >> "$OUT/graph_smoke.log"; tail -n 5 /tmp/graph_smoke.*.log >> "$OUT/graph_smoke.log") &
-[ -f data/python-env/bpe/val/meta.json ] || bytelm prepare --source python-env --out data/python-env > "$OUT/prepare.log" 2>&1
+prepare_python_env
 timeout $(left) bytelm sweep experiments/sweeps/main_h200x2.yaml --no-mlflow --stages train --only '*-s0' \
   --set train.time_limit_s=$(( $(left) - 35 )) > "$OUT/main_train.log" 2>&1
 echo "sweep exit $? with $(left) s left" >> "$OUT/main_train.log"

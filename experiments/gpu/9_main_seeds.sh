@@ -6,7 +6,7 @@
 # HumanEval lands first, MBPP if the time allows).
 source experiments/gpu/env.sh
 SPEC=experiments/sweeps/main_h200x2.yaml
-[ -f data/python-env/bpe/val/meta.json ] || bytelm prepare --source python-env --out data/python-env > "$OUT/prepare.log" 2>&1
+prepare_python_env
 timeout $(left) bytelm sweep $SPEC --no-mlflow --stages train --only '*-s1' \
   --set train.time_limit_s=$(( $(left) - 35 )) > "$OUT/seeds_train.log" 2>&1
 echo "sweep exit $? with $(left) s left" >> "$OUT/seeds_train.log"

@@ -11,6 +11,10 @@ export PATH=/tmp/bin:$PATH  # `bytelm` as a command (timeout runs commands, not 
 # 45 s (2026-11-30: a call whose deadline was 565 s ended at 597 s, one at 545 s was cut
 # while compressing). At least 1: `timeout 0` would mean no limit.
 left() { local s=$(( ${CALL_S:-540} - SECONDS )); echo $(( s > 1 ? s : 1 )); }
+# the main study's corpus, prepared unless this (warm) machine has it from an earlier call
+prepare_python_env() {
+  [ -f data/python-env/bpe/val/meta.json ] || bytelm prepare --source python-env --out data/python-env > "$OUT/prepare.log" 2>&1
+}
 # the run folders without their checkpoints (what comes back from the machine)
 pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --exclude='*.results.jsonl' "$@"; }
 # each sample of the evaluations (the *.results.jsonl files), compressed on every core
