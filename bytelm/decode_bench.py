@@ -222,6 +222,8 @@ def bench_row(k: int, batch: int, gen: Generation, wall: float, base: Generation
         "host_fraction": max(0.0, s.wall_s - s.step_s - s.prefill_s - s.capture_s) / s.wall_s,
         "capture_s": s.capture_s,
         "idle_row_fraction": s.idle_row_steps / max(s.idle_row_steps + s.row_steps, 1),
+        "occupancy": s.occupancy,
+        "baseline_occupancy": b.occupancy,
         "baseline": baseline,
         "baseline_wall_s": base_wall,
         "baseline_tokens_per_s": b.tokens / base_wall,
@@ -299,11 +301,12 @@ def table(rows: list[dict]) -> str:
         [
             [r["heads_used"], r["batch_size"], r["attention"], f"{r['speedup']:.2f}", f"{r['tokens_per_forward']:.2f}",
              f"{r['bytes_per_forward']:.2f}", f"{r['efficiency']:.2f}", f"{r['step_cost_vs_plain']:.2f}",
+             f"{r['occupancy']:.2f}",
              " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-",
              f"{r['tokens_per_s']:.0f}", f"{r['bytes_per_s']:.0f}", f"{r['mismatched_sequences']}/{r['sequences']}"]
             for r in rows
         ],
-        headers=["heads", "batch", "attention", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost",
+        headers=["heads", "batch", "attention", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost", "occupancy",
                  "P(drafts 1..j accepted)", "tok/s", "bytes/s", "mismatched"],
     )
 

@@ -167,6 +167,15 @@ class DecodeStats:
         return self.row_forwards - self.sequences
 
     @property
+    def occupancy(self) -> float:
+        """The mean share of the batch's slots doing live work in a step: 1 while every
+        slot decodes; less once the queue is empty and the batch shrinks to its slowest
+        rows (the tail), or while slots idle awaiting a group refill. A step costs about
+        the same with fewer rows (it is launch- and weight-bound), so a batch's throughput
+        follows tokens per forward times occupancy."""
+        return self.row_steps / max(self.steps * self.batch_size, 1)
+
+    @property
     def tokens_per_forward(self) -> float:
         return self.tokens / max(self.row_forwards, 1)
 
@@ -197,7 +206,7 @@ class DecodeStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for name in ("row_steps", "tokens_per_forward", "bytes_per_forward", "acceptance_by_depth",
+        for name in ("row_steps", "occupancy", "tokens_per_forward", "bytes_per_forward", "acceptance_by_depth",
                      "conditional_acceptance_by_depth"):
             d[name] = getattr(self, name)
         d["tokens_per_s"] = self.tokens / self.wall_s if self.wall_s else None

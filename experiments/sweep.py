@@ -417,6 +417,15 @@ class RunResult:
     seconds: float = 0.0
 
 
+def merge_by_name(earlier: list[dict], now: list[dict]) -> list[dict]:
+    """The run entries (plan.json, summary.json) of earlier invocations over one sweep
+    folder, this invocation's replacing theirs by name: a sweep run in parts (`--only`,
+    one run at a time) keeps every run in its plan, so one import brings them all."""
+    now_by_name = {r["name"]: r for r in now}
+    kept = [now_by_name.pop(r["name"], r) for r in earlier]
+    return kept + list(now_by_name.values())
+
+
 class SweepRunner:
     def __init__(self, spec: SweepSpec, plans: list[RunPlan], out: Path, devices: list[str], use_mlflow: bool,
                  uri: str | None, stages: list[str] | None = None) -> None:
@@ -436,7 +445,7 @@ class SweepRunner:
         s = self.spec
         return {"name": s.name, "experiment": s.experiment, "tags": {"sweep": s.name, "study": s.study},
                 "params": {"sweep.spec": str(s.path), "sweep.base": str(s.base), "sweep.match": s.match.by,
-                           "sweep.stages": ",".join(s.stages), "sweep.n_runs": str(len(self.plans)),
+                           "sweep.stages": ",".join(s.stages), "sweep.n_runs": str(len(expand_grid(s.grid)) + len(s.include)),
                            "sweep.grid": json.dumps(s.grid)}}
 
     def start_parent(self) -> None:
@@ -450,15 +459,15 @@ class SweepRunner:
         if fresh:
             mlflow_client(self.uri).log_artifact(self.parent_run_id, str(self.spec.path))
 
-    def end_parent(self, results: list[RunResult]) -> None:
+    def end_parent(self, summary: list[dict]) -> None:
         from bytelm.tracking import log_batched, metric_entities, mlflow_client, set_mlflow_status
 
         client = mlflow_client(self.uri)
-        failed = [r for r in results if r.error]
+        failed = [r for r in summary if r["error"]]
         log_batched(client, self.parent_run_id, metrics=metric_entities(
-            {"sweep/runs": len(results), "sweep/failed": len(failed)}, 0))
+            {"sweep/runs": len(summary), "sweep/failed": len(failed)}, 0))
         client.log_artifact(self.parent_run_id, str(self.out / "summary.json"))
-        error = "; ".join(f"{r.name}: {r.error}" for r in failed) or None
+        error = "; ".join(f"{r['name']}: {r['error']}" for r in failed) or None
         set_mlflow_status(client, self.parent_run_id, "failed" if failed else "finished", error)
 
     def adopt_offline_run(self, run_dir: Path) -> None:
@@ -567,7 +576,8 @@ class SweepRunner:
     def merged_summary(self, results: list[RunResult]) -> list[dict]:
         """This invocation's results, over the summary.json of earlier ones: a run keeps
         the outcome of the stages it did not run now (`--stages` splits a study into
-        calls, or two sweeps over one folder run different stages), and their error."""
+        calls, or two sweeps over one folder run different stages), and their error; the
+        runs this invocation left out (`--only`) keep their entries."""
         path = self.out / "summary.json"
         earlier = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
         runs = []
@@ -581,14 +591,16 @@ class SweepRunner:
                     r["error"] = e["error"]
                 r["seconds"] += e["seconds"]
             runs.append(r)
-        return runs
+        return merge_by_name(list(earlier.values()), runs)
 
     def run(self) -> list[RunResult]:
         from tqdm import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "plan.json", {"spec": str(self.spec.path), "parent": self.parent_info(),
-                                            "runs": [p.to_json() for p in self.plans]})
+        plan_path = self.out / "plan.json"
+        earlier = json.loads(plan_path.read_text())["runs"] if plan_path.is_file() else []
+        write_json(plan_path, {"spec": str(self.spec.path), "parent": self.parent_info(),
+                               "runs": merge_by_name(earlier, [p.to_json() for p in self.plans])})
         if self.use_mlflow:
             self.start_parent()
         free: queue.Queue[str] = queue.Queue()
@@ -617,10 +629,11 @@ class SweepRunner:
         with ThreadPoolExecutor(max_workers=len(self.devices)) as pool:
             results = list(pool.map(job, range(len(self.plans)), self.plans))
         bar.close()
+        summary = self.merged_summary(results)
         write_json(self.out / "summary.json", {"sweep": self.spec.name, "parent_run_id": self.parent_run_id,
-                                               "runs": self.merged_summary(results)})
+                                               "runs": summary})
         if self.use_mlflow:
-            self.end_parent(results)
+            self.end_parent(summary)
         return results
 
 

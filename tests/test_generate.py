@@ -127,6 +127,22 @@ def test_group_refills_keep_outputs_and_count_idle_rows():
     assert gen.stats.to_dict()["idle_row_steps"] == gen.stats.idle_row_steps
 
 
+def test_occupancy_counts_the_rows_a_shrinking_batch_still_decodes():
+    """Rows that end early leave the batch (compaction): the steps go on for the longest
+    row alone. Three rows of 30, 24 and 14 tokens (the cache ends the shorter two) take
+    29 steps of plain decoding (the prefill yields each first token) with 29 + 23 + 13
+    live row steps: occupancy 65 / (3 x 29)."""
+    model = trained_model("unembed")
+    prompts = prompts_of_lengths(5, 15, 25)
+    gen = Decoder(model, heads=1, batch_size=3, max_len=40).run(prompts, 30)
+    assert [len(t) for t in gen.tokens] == [30, 24, 14] and set(gen.finish) == {"length"}
+    assert (gen.stats.steps, gen.stats.row_steps) == (29, 65)
+    assert gen.stats.occupancy == pytest.approx(65 / 87)
+    assert gen.stats.to_dict()["occupancy"] == gen.stats.occupancy
+    full = Decoder(model, heads=1, batch_size=3, max_len=64).run(prompts, 30)
+    assert full.stats.occupancy == 1.0  # every row runs to max_new: no tail
+
+
 def test_speculative_acceptance_is_exercised():
     """The trained drafters are good but not perfect: equality above is not vacuous."""
     for head_type in ("transformer", "linear", "unembed"):

@@ -181,30 +181,37 @@ def test_cpu_sweep_in_mlflow_with_a_failing_run_and_a_rerun(smoke_data, tmp_path
 @pytest.mark.slow
 def test_offline_sweep_then_one_import_of_the_whole_folder(smoke_data, tmp_path):
     """Where MLflow is absent (the GPU machine), a sweep writes run dirs only; `bytelm
-    track import` of its folder later makes the parent and child runs, once."""
+    track import` of its folder later makes the parent and child runs, once. The sweep
+    ran in two parts (`--only`, as the GPU scripts benchmark one run at a time): its
+    plan.json and summary.json keep both, so the one import brings both."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = write_spec(tmp_path / "s.yaml")
-    r = run_sweep(spec, tmp_path, uri, "--set", f"data.root={smoke_data}", "--no-mlflow", "--only", "bytes-n1*")
-    assert r.returncode == 0, r.stdout + r.stderr
+    for only in ("bytes-n1*", "bpe-n1*"):
+        r = run_sweep(spec, tmp_path, uri, "--set", f"data.root={smoke_data}", "--no-mlflow", "--only", only)
+        assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "mlflow.db").exists()
     run_dir = tmp_path / "out" / "runs" / "bytes-n1-unembed-s0"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert not (run_dir / "mlflow.json").exists()
+    names = ["bytes-n1-unembed-s0", "bpe-n1-transformer-s0"]
+    for part in ("plan", "summary"):
+        assert [x["name"] for x in json.loads((tmp_path / "out" / f"{part}.json").read_text())["runs"]] == names
 
     for _ in range(2):
         r = subprocess.run([sys.executable, "-m", "bytelm", "track", "import", str(tmp_path / "out")],
                            capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
         assert r.returncode == 0, r.stderr
-    assert r.stdout.count("already in MLflow") == 1
+    assert r.stdout.count("already in MLflow") == 2
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     parent = next(x for x in runs if x.data.tags.get("sweep_parent") == "true")
     assert parent.info.run_name == "t" and parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.n_runs"] == "4"  # the spec's runs, not this part's
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 2 and [x.info.run_name for x in children] == ["bytes-n1-unembed-s0"]
-    child = children[0]
+    assert len(runs) == 3 and sorted(x.info.run_name for x in children) == sorted(names)
+    child = next(x for x in children if x.info.run_name == names[0])
     assert child.info.status == "FINISHED" and child.data.tags["grid.vocab"] == "bytes"
     assert "val/bpb" in child.data.metrics and "plan/steps" in child.data.metrics
 
