@@ -1,0 +1,33 @@
+# GPU session script (issue 4), GPU 0 only, beside a synthetic study on GPU 1 in the same call:
+#   bash experiments/gpu/11_decode_b16.sh & DEVICES=cuda:1,...,cuda:1 bash experiments/gpu/10_synthetic_sweep.sh SPEC STEPS; wait
+# The main study's byte n = 8 model (bytes-n8-unembed-s0 of main_h200x2.yaml, trained here
+# first where this machine lacks it) decoded at batch 16 the paper's way: a queue of prompts
+# (128 here, 4,096 in the paper) streams through the 16 slots, so a finished row takes the
+# next prompt instead of the batch waiting for its slowest row (occupancy 0.59 with 16
+# prompts on 2026-11-30: docs/benchmarks.md). Then the float32 audit of the compiled
+# FlexAttention step. While the CPUs prepare the corpus, the GPU runs graph_smoke.sh, whose
+# compiled batch-4 row cost 38 plain steps on 2026-11-30 (TORCH_LOGS=recompiles says why).
+# A call cut short resumes in the next: the training from its checkpoint, each benchmark
+# whose JSON is missing (the compilations come from inductor's cache on a warm machine).
+source experiments/gpu/env.sh
+export CUDA_VISIBLE_DEVICES=${GPU:-0}
+SPEC=${SPEC:-experiments/sweeps/main_h200x2.yaml}; R=${RUN:-bytes-n8-unembed-s0}
+RUN_DIR=runs/$(basename "$SPEC" .yaml)/runs/$R; D=runs/decode_b16
+FLAGS=${FLAGS---cuda-graphs --compile}  # a CPU rehearsal sets FLAGS= and ATTENTION=auto
+mkdir -p $D/checkpoints
+[ -f $D/graph_smoke.log ] || [ -n "${NO_SMOKE:-}" ] || (timeout 240 bash experiments/gpu/graph_smoke.sh /tmp/graph_smoke > $D/graph_smoke.log 2>&1
+  echo "graph smoke exit $?" >> $D/graph_smoke.log; cp /tmp/graph_smoke.*.log $D/ 2>/dev/null) &
+prepare_python_env
+timeout $(left) bytelm sweep $SPEC --no-mlflow --stages train --only $R --devices ${TRAIN_DEVICE:-cuda:0} \
+  --set train.time_limit_s=$(( $(left) - 30 )) > $D/train.log 2>&1
+echo "train sweep exit $? with $(left) s left" >> $D/train.log
+wait  # the graph smoke, before the benchmarks take the GPU
+[ -e $D/checkpoints/n8 ] || ln -s "$(ls -d $PWD/$RUN_DIR/checkpoints/step_* | tail -n 1)" $D/checkpoints/n8
+bench() {  # NAME [decode-bench flags]: skipped when its JSON exists or too little of the call is left
+  local name=$1; shift
+  [ -f $D/$name.json ] || [ "$(left)" -lt 120 ] || timeout $(left) bytelm decode-bench --checkpoint $D/checkpoints/n8 \
+    $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@" --json $D/$name.json > $D/$name.log 2>&1
+}
+bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3
+bench b4_float32 --batch-sizes 4 --n-prompts 8 --prompt-len 256 --max-new 128 --attention ${ATTENTION:-flex} --dtype float32
+pack decode_b16 $D $RUN_DIR
