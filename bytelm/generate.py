@@ -498,6 +498,10 @@ class Decoder:
         reads the length bucket above it); None reads the whole cache. Returns the cache
         positions read."""
         s, lb = self._bucket(b), self._length_bucket(length)
+        # The cache views are memoised here, outside the compiled step: made inside it,
+        # the memo changed under torch.compile's guard on it and every (s, lb) compiled
+        # twice (20-40 s each on an H200).
+        self._prefix(s, lb)
         if self._row_buckets is not None and (s, lb) not in self._graphs:
             self._capture(self._graphs, (s, lb), self._step_fn)
         if not self.sampling.greedy:

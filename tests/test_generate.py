@@ -143,6 +143,33 @@ def test_occupancy_counts_the_rows_a_shrinking_batch_still_decodes():
     assert full.stats.occupancy == 1.0  # every row runs to max_new: no tail
 
 
+def test_compiled_step_is_traced_once_per_shape(monkeypatch):
+    """With compile=True the step is traced once per (rows, length bucket) it meets (the
+    tracing is torch.compile's; the eager backend keeps the test fast) and decodes what
+    the eager step decodes."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    model = trained_model("unembed")
+    prompts = prompts_of_lengths(4, 9, 2, 14, 6)
+    eager = Decoder(model, heads=4, batch_size=2, max_len=64, cache_block=16).run(prompts, 20)
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = Decoder(model, heads=4, batch_size=2, max_len=64, cache_block=16, compile=True)
+    shapes, real_step = set(), decoder.step
+
+    def step(b, length=None):
+        lb = real_step(b, length)
+        shapes.add((b, lb))  # rows and length bucket (without CUDA graphs, b is the step's rows)
+        return lb
+
+    monkeypatch.setattr(decoder, "step", step)
+    gen = decoder.run(prompts, 20)
+    assert gen.tokens == eager.tokens and len(shapes) >= 3
+    assert counters["stats"]["unique_graphs"] == len(shapes)
+
+
 def test_speculative_acceptance_is_exercised():
     """The trained drafters are good but not perfect: equality above is not vacuous."""
     for head_type in ("transformer", "linear", "unembed"):
