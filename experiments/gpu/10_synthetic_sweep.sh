@@ -8,8 +8,11 @@
 # a later call with the same arguments resumes what did not finish.
 source experiments/gpu/env.sh
 SPEC=${1:?usage: 10_synthetic_sweep.sh SPEC STEPS [GLOB]}; STEPS=${2:?steps per run}; ONLY=${3:+--only $3}
-# every run at once (8 slots a GPU: these models are small), so that one time limit fits all
-DEVICES=${DEVICES:-cuda:0,cuda:1,cuda:0,cuda:1,cuda:0,cuda:1,cuda:0,cuda:1,cuda:0,cuda:1,cuda:0,cuda:1,cuda:0,cuda:1,cuda:0,cuda:1}
+# every run at once (SLOTS runs a GPU, default 8 on each of GPUS 0 and 1: these models are
+# small), so that one time limit fits all; GPUS=1 SLOTS=16 leaves GPU 0 to 11_decode_b16.sh
+GPUS=${GPUS:-0 1}; SLOTS=${SLOTS:-8}
+DEVICES=${DEVICES:-$(for _ in $(seq $SLOTS); do for g in $GPUS; do printf 'cuda:%s,' $g; done; done)}
+DEVICES=${DEVICES%,}
 read -r TASK ROOT < <(python3 -c "
 import sys; from experiments.sweep import load_spec, plan_sweep
 spec = load_spec(sys.argv[1]); print(spec.synth['task'], plan_sweep(spec)[0].data_root)" "$SPEC") || exit 1

@@ -1,5 +1,5 @@
 # GPU session script (issue 4), GPU 0 only, beside a synthetic study on GPU 1 in the same call:
-#   bash experiments/gpu/11_decode_b16.sh & DEVICES=cuda:1,...,cuda:1 bash experiments/gpu/10_synthetic_sweep.sh SPEC STEPS; wait
+#   bash experiments/gpu/11_decode_b16.sh & GPUS=1 SLOTS=16 bash experiments/gpu/10_synthetic_sweep.sh SPEC STEPS; wait
 # The main study's byte n = 8 model (bytes-n8-unembed-s0 of main_h200x2.yaml, trained here
 # first where this machine lacks it) decoded at batch 16 the paper's way: a queue of prompts
 # (128 here, 4,096 in the paper) streams through the 16 slots, so a finished row takes the

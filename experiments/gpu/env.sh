@@ -1,11 +1,15 @@
 # Sourced by the session scripts beside it, on a bare GPU machine without MLflow or
 # internet: installs the carried wheels (.whl: omegaconf and antlr4, which the machine
 # lacks) and points the suite at the carried benchmark data (.shared_data).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Two scripts of one call may start together (11_decode_b16.sh beside 10_synthetic_sweep.sh):
+# one installs at a time.
+{ flock 9; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  } 9> /tmp/bytelm-env.lock || exit 1
 export PYTHONPATH=/tmp/site:$PWD BYTELM_DATA_DIR=$PWD/.shared_data PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m bytelm "$@"\n' > /tmp/bin/bytelm && chmod +x /tmp/bin/bytelm
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m bytelm "$@"\n' > /tmp/bin/bytelm.$$ && chmod +x /tmp/bin/bytelm.$$ \
+  && mv /tmp/bin/bytelm.$$ /tmp/bin/bytelm  # whole, even with two scripts writing it
 export PATH=/tmp/bin:$PATH  # `bytelm` as a command (timeout runs commands, not functions)
 # seconds left of this call: a command is cut at 600 s, and packing the results took up to
 # 45 s (2026-11-30: a call whose deadline was 565 s ended at 597 s, one at 545 s was cut
