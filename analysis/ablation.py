@@ -67,27 +67,38 @@ def paper_side_by_side(df: pd.DataFrame) -> str:
 
 
 def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
-    """Speedup / bytes per forward by heads used, ours beside the paper's Table S3 (whose
-    models are the 7B byte models with n = 8, 16, 32)."""
+    """Speedup / tokens per forward by heads used, one column per prompt set and batch size
+    benchmarked (code first), ours beside the paper's Table S3 (whose models are the 7B byte
+    models with n = 8, 16, 32, on code at batch 16)."""
     spec = spec_metrics(runs)
     if spec.empty:
         return "", ""
-    prompts = "code" if "code" in set(spec["prompts"]) else sorted(spec["prompts"])[0]
-    spec = spec[spec["prompts"] == prompts]
-    batch = int(spec["batch"].min())
-    spec = spec[spec["batch"] == batch].merge(runs[["run_id", "name", "vocab", "n"]], on="run_id")
-    wide = spec.pivot_table(index=["vocab", "n", "heads"], columns="what", values="value", aggfunc="mean").reset_index()
-    wide = wide.sort_values(["vocab", "n", "heads"], key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
+    spec = spec.merge(runs[["run_id", "vocab", "n"]], on="run_id")
+    wide = spec.pivot_table(index=["vocab", "n", "heads", "prompts", "batch"], columns="what", values="value",
+                            aggfunc="mean").reset_index()
+    settings = sorted(set(zip(wide["prompts"], wide["batch"])), key=lambda pb: (pb[0] != "code", pb[0], pb[1]))
     rows = []
-    for _, r in wide.iterrows():
-        paper = TABLE_S3.get(int(r["n"]), {}).get(int(r["heads"])) if r["vocab"] == "bytes" else None
-        tpf = r.get("tokens_per_forward", np.nan)
-        rows.append([VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"]), int(r["heads"]),
-                     f"{r.get('speedup', np.nan):.2f}", f"{tpf:.2f}", f"{r.get('bytes_per_forward', np.nan):.2f}",
+    configs = wide[["vocab", "n", "heads"]].drop_duplicates()
+    configs = configs.sort_values(["vocab", "n", "heads"],
+                                  key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
+    for vocab, n, heads in configs.itertuples(index=False):
+        cells = []
+        for prompts, batch in settings:
+            r = wide[(wide["vocab"] == vocab) & (wide["n"] == n) & (wide["heads"] == heads)
+                     & (wide["prompts"] == prompts) & (wide["batch"] == batch)]
+            cells.append(_s3_cell(r.iloc[0], vocab) if len(r) else "–")
+        paper = TABLE_S3.get(int(n), {}).get(int(heads)) if vocab == "bytes" else None
+        rows.append([VOCAB_TITLES.get(vocab, vocab), int(n), int(heads), *cells,
                      f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "–"])
-    table = tabulate(rows, headers=["vocab", "n", "heads used", "speedup", "tokens per forward", "bytes per forward",
-                                    "paper speedup / bytes per forward"], tablefmt="github")
-    return table, f"{prompts} prompts, batch {batch}"
+    headers = ["vocab", "n", "heads used", *(f"{p}, batch {b}" for p, b in settings), "paper (code, batch 16)"]
+    desc = ("speedup / tokens per forward (in brackets, bytes per forward where a token is not a byte), "
+            "mean over seeds, for each prompt set and batch size benchmarked")
+    return tabulate(rows, headers=headers, tablefmt="github"), desc
+
+
+def _s3_cell(r: pd.Series, vocab: str) -> str:
+    cell = f"{r.get('speedup', np.nan):.2f} / {r.get('tokens_per_forward', np.nan):.2f}"
+    return cell if vocab == "bytes" else f"{cell} [{r.get('bytes_per_forward', np.nan):.2f}]"
 
 
 def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
