@@ -1,7 +1,7 @@
 """What one decoding step costs: a plain decode step (1 position) against a speculative
 verify step (k positions), with the engine's own step (bytelm.generate.Decoder).
 
-    python benchmarks/decode_step.py --json out.json [--preset bytes-100m|tokens-135m|cpu]
+    python benchmarks/decode_step.py --json out.json [--preset bytes-100m|bytes-30m|tokens-135m|cpu]
         [--batch-sizes 1,16] [--heads 1,2,4,8] [--cache 1024] [--dtype bfloat16]
         [--modes eager,graphs,compile] [--attention auto,flex] [--flex-split-kv 0,2,4] [--profile]
 
@@ -35,6 +35,8 @@ from bytelm.model import MTPTransformer
 
 PRESETS = {
     "bytes-100m": dict(n_layers=14, d_model=768, n_heads=12, vocab_size=258, head_type="unembed", n_future=8),
+    # the main study's byte model (experiments/sweeps/main_h200x2.yaml)
+    "bytes-30m": dict(n_layers=16, d_model=384, n_heads=6, vocab_size=258, head_type="unembed", n_future=8),
     "tokens-135m": dict(n_layers=12, d_model=768, n_heads=12, vocab_size=32768, head_type="transformer", n_future=8),
     "cpu": dict(n_layers=4, d_model=128, n_heads=4, vocab_size=258, head_type="unembed", n_future=8),
 }

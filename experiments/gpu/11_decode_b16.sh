@@ -30,4 +30,10 @@ bench() {  # NAME [decode-bench flags]: skipped when its JSON exists or too litt
 }
 bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3
 bench b4_float32 --batch-sizes 4 --n-prompts 8 --prompt-len 256 --max-new 128 --attention ${ATTENTION:-flex} --dtype float32
+# where a batch-16 verify step's time goes (1.28 plain steps on 2026-11-30): the step alone
+# on random weights of this shape, flex with and without splitting the cache, and the
+# top kernels of one eager step
+[ -f $D/step_b16.json ] || [ "$(left)" -lt 240 ] || timeout $(left) python3 benchmarks/decode_step.py --preset bytes-30m \
+  --batch-sizes 16 --heads 1,8 --modes ${STEP_MODES:-compile} --attention ${ATTENTION:-auto,flex} --flex-split-kv 0,4 \
+  --profile --json $D/step_b16.json > $D/step_b16.log 2>&1
 pack decode_b16 $D $RUN_DIR
