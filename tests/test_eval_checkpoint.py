@@ -18,7 +18,7 @@ from bytelm.tracking import Tracker, mlflow_client
 
 
 @pytest.mark.slow
-def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
+def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = config_from_dict({
         "model": {"n_layers": 3, "d_model": 32, "n_heads": 2, "context": 1024, "vocab_size": 258, "n_future": 2},
@@ -38,7 +38,7 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         bytelm(["eval", "--checkpoint", str(run_dir), "--task", "humaneval,mbpp", "--n-samples", "2",
                 "--temperatures", "0.2,0.8", "--max-problems", "3", "--batch-size", "4", "--device", "cpu",
-                "--max-new-tokens", "32"])
+                "--max-new-tokens", "32", "--attention", "math"])
     assert e.value.code == 0
     # shortest prompts first (HumanEval/2, /0, /1: 331, 348, 506 bytes), each sample of a
     # problem beside the others; MBPP's prompts do not fit the context, so nothing decodes
@@ -48,6 +48,7 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
     summary = json.loads(out.read_text())
     assert summary["n_samples"] == 2 and summary["temperatures"] == [0.2, 0.8]
     assert summary["heads"] == 2  # by default the model's heads (here 2): self-speculative sampling
+    assert summary["attention"] == "math"
     assert summary["tasks"]["humaneval"]["prompts_too_long"] == 0 and summary["tasks"]["mbpp"]["prompts_too_long"] == 3
     for task in ("humaneval", "mbpp"):
         s = summary["tasks"][task]
@@ -81,3 +82,13 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch):
         assert metrics[f"pass_at_1/{task}/best"] == max(metrics[f"pass_at_1/{task}/t0.2"], metrics[f"pass_at_1/{task}/t0.8"])
     artifacts = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
     assert artifacts == {"eval/pass_at_k.json", "eval/pass_at_k.results.jsonl"}
+
+    # an unknown attention kernel: one line, exit 2, nothing written
+    bad = tmp_path / "bad.json"
+    with pytest.raises(SystemExit) as e:
+        bytelm(["eval", "--checkpoint", str(run_dir), "--task", "humaneval", "--n-samples", "1", "--max-problems", "1",
+                "--device", "cpu", "--attention", "sparse", "--json", str(bad)])
+    assert e.value.code == 2 and not bad.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("bytelm eval: error: attention backend must be one of auto, efficient, math, cudnn, flex, "
+                       "got 'sparse'")

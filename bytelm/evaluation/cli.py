@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "(eval.heads; default 0 = min(the model's heads, 8); 1 = plain sampling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--attention", default="auto",
+                   help="the decoding step's attention: auto (PyTorch's choice for the step's boolean mask), "
+                        "efficient, math, cudnn or flex (docs/decoding.md)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights while sampling (auto: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--max-problems", type=int, default=0, help="only the first M problems of each task (0 = all)")
@@ -72,6 +75,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         batch_size=pick(args.batch_size, eval_cfg.batch_size),
         max_new_tokens=pick(args.max_new_tokens, eval_cfg.max_new_tokens),
         heads=pick(args.heads, eval_cfg.heads), seed=args.seed, device=args.device, dtype=args.dtype,
+        attention=args.attention,
     )
     checks = [
         (s.n_samples >= 1, "--n-samples must be >= 1"),

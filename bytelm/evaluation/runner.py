@@ -66,6 +66,7 @@ class EvalSettings:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    attention: str = "auto"  # the decoding step's attention (bytelm.generate.ATTENTION_BACKENDS)
 
 
 def problems_of(task: str, s: EvalSettings) -> list[Problem]:
@@ -270,7 +271,7 @@ class _Sampler:
             decoder = Decoder(
                 self.model, heads=s.heads, batch_size=min(s.batch_size, n * len(fits)),
                 max_len=cache_length(self.model, max(map(len, ids.values())), budget, s.heads),
-                sampling=Sampling(temp, s.top_p), cuda_graphs=self.cuda_graphs,
+                sampling=Sampling(temp, s.top_p), cuda_graphs=self.cuda_graphs, attention=s.attention,
             )
             self.seconds += time.perf_counter() - t0
             per_call = max(1, (4 * s.batch_size) // n)  # enough rows to keep the batch full as rows finish
@@ -326,7 +327,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     summary: dict = {
         "checkpoint": str(checkpoint), "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
         "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "device": device,
-        "dtype": dtype, "cuda_graphs": sampler.cuda_graphs, "tasks": {},
+        "dtype": dtype, "cuda_graphs": sampler.cuda_graphs, "attention": s.attention, "tasks": {},
     }
     records: list[dict] = []
     t_start = time.perf_counter()
