@@ -4,8 +4,9 @@
 # first where this machine lacks it) decoded at batch 16 the paper's way: a queue of prompts
 # (128 here, 4,096 in the paper) streams through the 16 slots, so a finished row takes the
 # next prompt instead of the batch waiting for its slowest row (occupancy 0.59 with 16
-# prompts on 2026-11-30: docs/benchmarks.md). Then the float32 audit of the compiled
-# FlexAttention step. While the CPUs prepare the corpus, the GPU runs graph_smoke.sh, whose
+# prompts on 2026-11-30: docs/benchmarks.md). Then a slice of MBPP sampled under two
+# attention kernels, the float32 audit of the compiled FlexAttention step, and the batch-16
+# step costs. While the CPUs prepare the corpus, the GPU runs graph_smoke.sh, whose
 # compiled batch-4 row cost 38 plain steps on 2026-11-30 (TORCH_LOGS=recompiles says why).
 # A call cut short resumes in the next: the training from its checkpoint, each benchmark
 # whose JSON is missing (the compilations come from inductor's cache on a warm machine).
@@ -29,6 +30,14 @@ bench() {  # NAME [decode-bench flags]: skipped when its JSON exists or too litt
     $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@" --json $D/$name.json > $D/$name.log 2>&1
 }
 bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3
+# evaluation's sampling with 8 heads over MBPP's long prompts, under the default cuDNN kernel
+# and the memory-efficient one (cuDNN costs ~4x for 8 query positions): the summaries'
+# decoding.<T>.ms_per_step say which kernel evaluation should use
+for a in ${EVAL_KERNELS:-auto efficient}; do
+  [ -f $D/eval_$a.json ] || [ "$(left)" -lt 120 ] || timeout $(left) bytelm eval --checkpoint $D/checkpoints/n8 --task mbpp \
+    --max-problems 50 --n-samples 10 --temperatures 0.8 --max-new-tokens 512 --timeout 3 --attention $a \
+    --json $D/eval_$a.json > $D/eval_$a.log 2>&1
+done
 bench b4_float32 --batch-sizes 4 --n-prompts 8 --prompt-len 256 --max-new 128 --attention ${ATTENTION:-flex} --dtype float32
 # where a batch-16 verify step's time goes (1.28 plain steps on 2026-11-30): the step alone
 # on random weights of this shape, flex with and without splitting the cache, and the
