@@ -75,18 +75,15 @@ def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
         return "", ""
     spec = spec.merge(runs[["run_id", "vocab", "n"]], on="run_id")
     wide = spec.pivot_table(index=["vocab", "n", "heads", "prompts", "batch"], columns="what", values="value",
-                            aggfunc="mean").reset_index()
-    settings = sorted(set(zip(wide["prompts"], wide["batch"])), key=lambda pb: (pb[0] != "code", pb[0], pb[1]))
+                            aggfunc="mean")
+    keys = wide.index.to_frame(index=False)
+    settings = sorted(set(zip(keys["prompts"], keys["batch"])), key=lambda pb: (pb[0] != "code", pb[0], pb[1]))
+    configs = keys[["vocab", "n", "heads"]].drop_duplicates().sort_values(
+        ["vocab", "n", "heads"], key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
     rows = []
-    configs = wide[["vocab", "n", "heads"]].drop_duplicates()
-    configs = configs.sort_values(["vocab", "n", "heads"],
-                                  key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
     for vocab, n, heads in configs.itertuples(index=False):
-        cells = []
-        for prompts, batch in settings:
-            r = wide[(wide["vocab"] == vocab) & (wide["n"] == n) & (wide["heads"] == heads)
-                     & (wide["prompts"] == prompts) & (wide["batch"] == batch)]
-            cells.append(_s3_cell(r.iloc[0], vocab) if len(r) else "–")
+        cells = [_s3_cell(wide.loc[vocab, n, heads, p, b], vocab) if (vocab, n, heads, p, b) in wide.index else "–"
+                 for p, b in settings]
         paper = TABLE_S3.get(int(n), {}).get(int(heads)) if vocab == "bytes" else None
         rows.append([VOCAB_TITLES.get(vocab, vocab), int(n), int(heads), *cells,
                      f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "–"])

@@ -245,22 +245,24 @@ class _Sampler:
     # step, prefills, tokens per forward, and how often drafts are kept when sampling)
     decoding: dict = field(default_factory=dict)
 
-    def too_long(self, problems: list[Problem]) -> set[str]:
-        """Ids of the problems whose prompt does not fit the model's context."""
+    def prompts(self, problems: list[Problem]) -> dict[str, list[int]]:
+        """The token ids of each prompt that fits the model's context, by task id."""
         from bytelm.generate import encode_prompt
 
-        return {p.task_id for p in problems if len(encode_prompt(self.tokenizer, p.prompt)) >= self.model.cfg.context}
+        ids = {p.task_id: encode_prompt(self.tokenizer, p.prompt) for p in problems}
+        return {t: x for t, x in ids.items() if len(x) < self.model.cfg.context}
 
-    def sample_and_run(self, ex: Executor, task: str, problems: list[Problem], temp: float, temp_index: int) -> list[dict]:
+    def sample_and_run(self, ex: Executor, task: str, problems: list[Problem], ids: dict[str, list[int]], temp: float,
+                       temp_index: int) -> list[dict]:
         """n completions per problem at one temperature, each run in the sandbox; one
-        record per sample. Prompts longer than the context score 0 (they are not dropped)."""
-        from bytelm.generate import Decoder, cache_length, cut_at_stop, encode_prompt
+        record per sample. `ids`: the prompts that fit (`prompts`); the others score 0
+        (they are not dropped)."""
+        from bytelm.generate import Decoder, cache_length, cut_at_stop
         from bytelm.speculative import Sampling
 
         s, n, spec = self.s, self.s.n_samples, TASKS[task]
         budget = s.max_new_tokens or max_new_tokens(spec, self.tokenizer.kind)
-        long = self.too_long(problems)
-        ids = {p.task_id: encode_prompt(self.tokenizer, p.prompt) for p in problems if p.task_id not in long}
+        long = {p.task_id for p in problems if p.task_id not in ids}
         # Shortest prompts first: the rows decoding together then have prompts of similar
         # length, and a step reads the cache up to its longest row (a length bucket), so
         # less of it is read for nothing. The records keep the benchmark's order.
@@ -334,9 +336,10 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     with open_executor(s) as ex:
         for task in tasks:
             problems = problems_of(task, s)
+            ids = sampler.prompts(problems)
             per_t, by_t = {}, {}
             for ti, temp in enumerate(s.temperatures):
-                recs = sampler.sample_and_run(ex, task, problems, temp, ti)
+                recs = sampler.sample_and_run(ex, task, problems, ids, temp, ti)
                 records += recs
                 per_t[f"{temp:g}"] = sc = score(recs)
                 by_t[temp] = {int(k): v for k, v in sc["pass_at_k"].items()}
@@ -348,7 +351,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
                 metrics[f"pass_at_{k}/{task}/best_t"] = v["temperature"]
             summary["tasks"][task] = {
                 "n_problems": len(problems),
-                "prompts_too_long": len(sampler.too_long(problems)),
+                "prompts_too_long": len(problems) - len(ids),
                 "max_new_tokens": s.max_new_tokens or max_new_tokens(TASKS[task], tokenizer.kind),
                 "stop": list(TASKS[task].stop), "by_temperature": per_t, "best": {str(k): v for k, v in best.items()},
                 "decoding": {f"{t:g}": sampler.decoding[task, t].to_dict() for t in s.temperatures

@@ -15,7 +15,7 @@ export CUDA_VISIBLE_DEVICES=${GPU:-0}
 SPEC=${SPEC:-experiments/sweeps/main_h200x2.yaml}; R=${RUN:-bytes-n8-unembed-s0}
 RUN_DIR=runs/$(basename "$SPEC" .yaml)/runs/$R; D=runs/decode_b16
 FLAGS=${FLAGS---cuda-graphs --compile}  # a CPU rehearsal sets FLAGS= and ATTENTION=auto
-mkdir -p $D/checkpoints
+mkdir -p $D
 [ -f $D/graph_smoke.log ] || [ -n "${NO_SMOKE:-}" ] || (timeout 240 bash experiments/gpu/graph_smoke.sh /tmp/graph_smoke > $D/graph_smoke.log 2>&1
   echo "graph smoke exit $?" >> $D/graph_smoke.log; cp /tmp/graph_smoke.*.log $D/ 2>/dev/null) &
 prepare_python_env
@@ -23,12 +23,8 @@ timeout $(left) bytelm sweep $SPEC --no-mlflow --stages train --only $R --device
   --set train.time_limit_s=$(( $(left) - 30 )) > $D/train.log 2>&1
 echo "train sweep exit $? with $(left) s left" >> $D/train.log
 wait  # the graph smoke, before the benchmarks take the GPU
-[ -e $D/checkpoints/n8 ] || ln -s "$(ls -d $PWD/$RUN_DIR/checkpoints/step_* | tail -n 1)" $D/checkpoints/n8
-bench() {  # NAME [decode-bench flags]: skipped when its JSON exists or too little of the call is left
-  local name=$1; shift
-  [ -f $D/$name.json ] || [ "$(left)" -lt 120 ] || timeout $(left) bytelm decode-bench --checkpoint $D/checkpoints/n8 \
-    $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@" --json $D/$name.json > $D/$name.log 2>&1
-}
+link_n8 $D $RUN_DIR
+bench() { local name=$1; shift; bench_n8 $D $name $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@"; }
 bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3
 # evaluation's sampling with 8 heads over MBPP's long prompts, under the default cuDNN kernel
 # and the memory-efficient one (cuDNN costs ~4x for 8 query positions): the summaries'

@@ -26,13 +26,11 @@ if [ "${EVAL:-1}" != 0 ]; then
 fi
 
 D4=runs/decode4  # its own folder (symlinked checkpoint), so its metrics do not mix with the sweep's bench
-mkdir -p $D4/checkpoints
-[ -e $D4/checkpoints/n8 ] || ln -s "$(ls -d $PWD/$RUNS/bytes-n8-unembed-s0/checkpoints/step_* | tail -n 1)" $D4/checkpoints/n8
+link_n8 $D4 $RUNS/bytes-n8-unembed-s0
 spec4() {  # BATCH [extra decode-bench flags]
   local b=$1; shift
-  [ -f $D4/b$b.json ] || [ "$(left)" -lt 120 ] || CUDA_VISIBLE_DEVICES=0 timeout $(left) bytelm decode-bench \
-    --checkpoint $D4/checkpoints/n8 --cuda-graphs --compile --prompts code --n-prompts 16 --prompt-len 512 --max-new 512 \
-    --cache-block 2048 --heads 1,8 --batch-sizes $b "$@" --json $D4/b$b.json > $D4/b$b.log 2>&1
+  CUDA_VISIBLE_DEVICES=0 bench_n8 $D4 b$b --cuda-graphs --compile --prompts code --n-prompts 16 --prompt-len 512 \
+    --max-new 512 --cache-block 2048 --heads 1,8 --batch-sizes $b "$@"
 }
 (spec4 1 --attention auto,flex; spec4 16 --attention auto,flex; spec4 4 --attention flex --dtype float32 --n-prompts 8 --prompt-len 256 --max-new 128) &
 for r in bytes-n8-unembed-s0 bpe-n4-transformer-s0 bytes-n16-unembed-s0 bpe-n2-transformer-s0 bytes-n32-unembed-s0 \

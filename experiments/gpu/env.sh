@@ -23,3 +23,13 @@ prepare_python_env() {
 pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --exclude='*.results.jsonl' "$@"; }
 # each sample of the evaluations (the *.results.jsonl files), compressed on every core
 pack_samples() { local name=$1; shift; tar cf - "$@" 2>/dev/null | xz -T0 -3 > "$OUT/$name.tar.xz"; }
+# The byte n = 8 checkpoint benchmarked apart from its sweep: DIR/checkpoints/n8 links to
+# RUN_DIR's latest checkpoint, so decode-bench logs its metrics into DIR, not the run.
+link_n8() { mkdir -p $1/checkpoints; [ -e $1/checkpoints/n8 ] || ln -s "$(ls -d $PWD/$2/checkpoints/step_* | tail -n 1)" $1/checkpoints/n8; }
+# decode-bench on DIR/checkpoints/n8 into DIR/NAME.json and .log, unless that JSON is there
+# (a benchmark cut short writes nothing and runs again next call) or under 120 s are left
+bench_n8() {  # DIR NAME [decode-bench flags]
+  local dir=$1 name=$2; shift 2
+  [ -f $dir/$name.json ] || [ "$(left)" -lt 120 ] || timeout $(left) bytelm decode-bench --checkpoint $dir/checkpoints/n8 \
+    "$@" --json $dir/$name.json > $dir/$name.log 2>&1
+}
