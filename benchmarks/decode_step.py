@@ -15,7 +15,8 @@ reaches at most t / ratio times plain decoding's speed, i.e. its efficiency is a
 1 / ratio. Modes: eager, graphs (one CUDA graph per step), compile (torch.compile, then a
 CUDA graph). --attention chooses the step's attention (bytelm.generate.ATTENTION_BACKENDS);
 --flex-split-kv tries split counts of FlexAttention's decoding kernel (0: PyTorch's choice).
---profile prints the top kernels of one eager step per (k, batch).
+--profile prints the top kernels of one step per (mode, attention, split, batch, k): under
+graphs and compile, the kernels the replayed graph ran.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def main() -> None:
                                  "gpu_ms": gpu, "with_readback_ms": full, "ratio": gpu / base})
                     print(f"{mode:8s} {attention:5s} split={split:2d} b={b:3d} k={k:2d}  {gpu:.3f} ms  (+readback {full:.3f} ms)"
                           f"  ratio {gpu / base:.2f}", flush=True)
-                    if args.profile and mode == "eager":
-                        profiles[f"{attention}_b{b}_k{k}"] = profile_step(dec, b)
+                    if args.profile:
+                        profiles[f"{mode}_{attention}_split{split}_b{b}_k{k}"] = profile_step(dec, b)
                     del dec
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
@@ -133,7 +134,7 @@ def main() -> None:
                      f"{r['ratio']:.2f}"] for r in rows],
                    headers=["mode", "attention", "flex split", "batch", "heads (positions)", "ms/step", "ms/step + readback", "ratio to 1 head"]))
     for name, table in profiles.items():
-        print(f"\n== eager step {name}: top kernels ==\n{table}")
+        print(f"\n== step {name}: top kernels ==\n{table}")
     hw = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
     if args.json:
         with open(args.json, "w") as f:

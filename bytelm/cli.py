@@ -13,8 +13,13 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 from bytelm.errors import UserError
+
+# When this process began the command, before importing torch: a time limit
+# (train.time_limit_s) counts from here, startup and compilation included.
+STARTED = time.time()
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -85,8 +85,9 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 2
-    # Stop after this many seconds of training (0 = no limit); the run then checkpoints
-    # and ends cleanly so a later command resumes it.
+    # Stop after this many seconds from the command's start (0 = no limit; startup, data,
+    # compilation and evaluations count): the run then evaluates, checkpoints and ends
+    # cleanly, so a later command resumes it. Leave a margin for that last evaluation.
     time_limit_s: float = 0.0
 
 

@@ -315,7 +315,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
-    from bytelm.checkpoint import load_model, run_dir_of
+    from bytelm.checkpoint import load_model, read_state, resolve_checkpoint, run_dir_of
     from bytelm.tracking import hardware, log_to_run
 
     device = args.device
@@ -335,6 +335,7 @@ def main(args) -> int:
         raise UserError(f"--attention takes a comma-separated list of {', '.join(ATTENTION_BACKENDS)}; got {args.attention!r}")
 
     model, tokenizer, cfg = load_model(args.checkpoint, device)
+    step = read_state(resolve_checkpoint(args.checkpoint))["step"]  # the training step benchmarked
     context = cfg.model.context
     heads = heads_to_run(args.heads, model.n_future)
     if args.cuda_graphs and device != "cuda":
@@ -365,7 +366,7 @@ def main(args) -> int:
     run_dir = run_dir_of(args.checkpoint)
     out = Path(args.json) if args.json else run_dir / "bench" / f"decode_{name}_{device}_{dtype_name}.json"
     setup = {
-        "checkpoint": str(Path(args.checkpoint).resolve()), "prompts": name, "n_prompts": len(prompts),
+        "checkpoint": str(Path(args.checkpoint).resolve()), "step": step, "prompts": name, "n_prompts": len(prompts),
         "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
         "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": list(attention),
@@ -376,5 +377,5 @@ def main(args) -> int:
     }
     write_json(out, {"setup": setup, "rows": rows})
     print(f"wrote {out}")
-    log_to_run(run_dir, metrics_of(rows, name), [out])
+    log_to_run(run_dir, metrics_of(rows, name), [out], step=step)
     return 0

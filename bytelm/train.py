@@ -262,7 +262,11 @@ def evaluate(model: MTPTransformer, val: ShardDataset, cfg: RunConfig, device, a
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, tags: dict | None = None) -> dict:
+def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, tags: dict | None = None,
+          started: float | None = None) -> dict:
+    """Trains (or resumes) the run in run_dir. `started`: the wall time train.time_limit_s
+    counts from (the command's start; default: this call)."""
+    started = started or time.time()
     d = init_distributed()
     device = pick_device(cfg, d)
     train_ds, val_ds = open_data(cfg)
@@ -348,7 +352,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     from tqdm import tqdm
 
     bar = tqdm(total=t.steps, initial=state["step"], disable=not d.main, desc=run_dir.name, dynamic_ncols=True)
-    began = last_tick = time.time()
+    last_tick = time.time()
     window: list[tuple[float, list[float]]] = []
     tic, window_tokens, window_bytes = time.time(), 0, 0
     if device.type == "cuda":
@@ -403,7 +407,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                 window, window_tokens, window_bytes, tic = [], 0, 0, time.time()
 
             done = state["step"] == t.steps
-            out_of_time = t.time_limit_s > 0 and time.time() - began > t.time_limit_s
+            out_of_time = t.time_limit_s > 0 and time.time() - started > t.time_limit_s
             if t.time_limit_s > 0 and d.world > 1:  # every rank stops at the same step
                 out_of_time = rank0_says(out_of_time, device)
             if state["step"] % t.eval_every == 0 or done or out_of_time:
@@ -452,7 +456,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from bytelm.cli import STARTED
+
     cfg = load_config(args.config, args.set)
     tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
-    train(cfg, Path(args.run_dir), parent_run_id=args.parent_run_id, tags=tags)
+    train(cfg, Path(args.run_dir), parent_run_id=args.parent_run_id, tags=tags, started=STARTED)
     return 0

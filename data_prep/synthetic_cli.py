@@ -2,7 +2,7 @@
 
     bytelm synth induction --out DIR [--stories FILE] [--bpe-vocab N] [--seed S]
     bytelm synth poly --out DIR [--n-train N] [--test-per-m 2000] [--seed S]
-    bytelm synth eval --task induction|poly --checkpoint RUN_DIR [--data DIR] [--json OUT]
+    bytelm synth eval --task induction|poly --checkpoint RUN_DIR [--checkpoints latest|all] [--data DIR] [--json OUT]
 
 `induction` and `poly` write a prepared-data folder (the layout of `bytelm prepare`, so
 `bytelm train` reads it with data.root=DIR) plus the test sets in DIR/tests/. `eval`
@@ -23,6 +23,8 @@ from bytelm.errors import UserError
 from bytelm.fileio import write_json
 
 STORIES_FILE = "stories/tinystories_v2_gpt4_train_first2MiB.txt"
+# the test metric that picks the oracle checkpoint (--checkpoints all), the first a task logs
+ORACLE_METRICS = ("induction/acc", "induction/acc_bytes", "poly/acc_in_domain")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", help="score a trained model on a synthetic test set; log to its run")
     p.add_argument("--task", required=True, choices=["induction", "poly"])
     p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a checkpoint folder")
+    p.add_argument("--checkpoints", default="latest", choices=["latest", "all"],
+                   help="all: every step checkpoint the run kept, and the best of them by the test metric "
+                        "(the paper's epoch oracle, logged as oracle/<metric>); default latest")
     p.add_argument("--data", type=Path, help="the folder `bytelm synth induction|poly` wrote (default: the run's data.root)")
     p.add_argument("--json", type=Path, help="write the results here (default RUN_DIR/eval/synth_TASK.json)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
@@ -143,68 +148,93 @@ def _check_tokenizer(tokenizer, data: Path) -> None:
 
 
 def evaluate(args) -> int:
-    from bytelm.checkpoint import load_model, read_state, resolve_checkpoint, run_dir_of
-    from bytelm.synthetic_eval import read_jsonl
+    """Scores the latest checkpoint, or with --checkpoints all every step checkpoint the run
+    kept (each logged at its step), then picks the paper's "epoch oracle": the checkpoint
+    with the best headline test metric (ORACLE_METRICS), logged as oracle/<metric>."""
+    from bytelm.checkpoint import list_checkpoints, load_model, read_state, resolve_checkpoint, run_dir_of
     from bytelm.tracking import log_to_run
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model, tokenizer, cfg = load_model(ckpt, device=_device(args.device))
-    args.data = args.data or Path(cfg.data.root)
-    if not args.data.is_dir():
-        raise UserError(f"--data {args.data} is not a folder (make it with `bytelm synth {args.task} --out DIR`)")
-    _check_tokenizer(tokenizer, args.data)
+    latest = resolve_checkpoint(args.checkpoint)
+    run_dir = run_dir_of(latest)
+    ckpts = [latest]
+    if args.checkpoints == "all":
+        if Path(args.checkpoint).resolve() != run_dir.resolve() or not list_checkpoints(run_dir):
+            raise UserError(f"--checkpoints all needs a run directory with step checkpoints, got {args.checkpoint}")
+        ckpts = list_checkpoints(run_dir)
+    out = args.json or run_dir / "eval" / f"synth_{args.task}.json"
     t0 = time.time()
+    by_step = []
+    for i, ckpt in enumerate(ckpts):
+        model, tokenizer, cfg = load_model(ckpt, device=_device(args.device))
+        args.data = args.data or Path(cfg.data.root)
+        if not args.data.is_dir():
+            raise UserError(f"--data {args.data} is not a folder (make it with `bytelm synth {args.task} --out DIR`)")
+        _check_tokenizer(tokenizer, args.data)
+        step = read_state(ckpt).get("step")
+        metrics, details, table = _score(args, model, tokenizer, cfg)
+        by_step.append({"step": step, "checkpoint": str(ckpt), "metrics": metrics, "details": details})
+        print(f"step {step}:\n{table}")
+        print("\n".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
+        if i < len(ckpts) - 1:  # the last is logged below, with the oracle and the JSON
+            log_to_run(run_dir, metrics, step=step)
+    last = by_step[-1]
+    logged = last["metrics"]
+    result = {"task": args.task, "checkpoint": last["checkpoint"], "step": last["step"], "data": str(args.data),
+              "metrics": last["metrics"], "details": last["details"], "seconds": time.time() - t0}
+    if args.checkpoints == "all":
+        name = next(m for m in ORACLE_METRICS if m in last["metrics"])
+        best = max(by_step, key=lambda r: r["metrics"][name])  # the earliest of equals
+        result |= {"by_step": [{k: r[k] for k in ("step", "metrics")} for r in by_step],
+                   "oracle": {"metric": name, "step": best["step"], "metrics": best["metrics"]}}
+        logged = logged | {f"oracle/{k}": v for k, v in best["metrics"].items()} | {"oracle/step": best["step"]}
+        print(f"oracle ({name}): step {best['step']}, {best['metrics'][name]:.4f}")
+    write_json(out, result)
+    log_to_run(run_dir, logged, artifacts=[out] if out.resolve().is_relative_to(run_dir.resolve()) else [], step=last["step"])
+    print(f"synth eval: {args.task}, {len(by_step)} checkpoint(s) in {result['seconds']:.1f} s -> {out}")
+    return 0
+
+
+def _score(args, model, tokenizer, cfg) -> tuple[dict, dict, str]:
+    """(metrics, details, printed table) of one model on the task's test sets."""
+    from bytelm.synthetic_eval import read_jsonl
+
     if args.task == "induction":
         from bytelm.synthetic_eval import argmax_head1, induction_accuracy
         from data_prep.induction import TEST_FILE
 
         records = read_jsonl(args.data / TEST_FILE)
         res = induction_accuracy(argmax_head1(model), tokenizer, records, cfg.model.context, args.batch_size or 8)
-        metrics = res.metrics()
         details = {"stories": res.stories, "occurrences_beyond_context": res.cut,
                    "repeated": vars(res.repeated), "first": vars(res.first)}
         rows = [["repeated (induction)", res.repeated.correct, res.repeated.total, f"{res.repeated.acc():.4f}",
                  f"{res.repeated.name_acc():.4f}"],
                 ["first occurrence", res.first.correct, res.first.total, f"{res.first.acc():.4f}", f"{res.first.name_acc():.4f}"]]
-        table = tabulate(rows, headers=["occurrences", "correct", "scored", "accuracy", "whole name"])
-    else:
-        from bytelm.generate import encode_prompt, generate
-        from bytelm.synthetic_eval import poly_accuracy
-        from data_prep.polynomials import END, test_file
+        return res.metrics(), details, tabulate(rows, headers=["occurrences", "correct", "scored", "accuracy", "whole name"])
 
-        files = sorted(args.data.glob("tests/poly_m*.jsonl"), key=lambda p: int(p.stem[len("poly_m"):]))
-        if not files:
-            raise UserError(f"{args.data}/tests holds no poly_m*.jsonl (make it with `bytelm synth poly --out {args.data}`)")
-        ms = [int(p.stem[len("poly_m"):]) for p in files]
-        if args.m_max:
-            ms = [m for m in ms if m <= args.m_max]
-        by_m = {}
-        for m in ms:
-            recs = read_jsonl(args.data / test_file(m))
-            by_m[m] = recs[: args.max_per_m] if args.max_per_m else recs
-        max_new = 16  # "c c c c c;" is 10 bytes, at most 10 tokens
+    from bytelm.generate import encode_prompt, generate
+    from bytelm.synthetic_eval import poly_accuracy
+    from data_prep.polynomials import END, test_file
 
-        def complete(prompts: list[str]) -> list[str]:
-            return generate(model, tokenizer, prompts, max_new_tokens=max_new, temperature=0.0, stop=[END], heads=1,
-                            batch_size=args.batch_size or 256)
+    files = sorted(args.data.glob("tests/poly_m*.jsonl"), key=lambda p: int(p.stem[len("poly_m"):]))
+    if not files:
+        raise UserError(f"{args.data}/tests holds no poly_m*.jsonl (make it with `bytelm synth poly --out {args.data}`)")
+    ms = [int(p.stem[len("poly_m"):]) for p in files]
+    if args.m_max:
+        ms = [m for m in ms if m <= args.m_max]
+    by_m = {}
+    for m in ms:
+        recs = read_jsonl(args.data / test_file(m))
+        by_m[m] = recs[: args.max_per_m] if args.max_per_m else recs
+    max_new = 16  # "c c c c c;" is 10 bytes, at most 10 tokens
 
-        def fits(prompt: str) -> bool:
-            return len(encode_prompt(tokenizer, prompt)) + max_new <= cfg.model.context
+    def complete(prompts: list[str]) -> list[str]:
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new, temperature=0.0, stop=[END], heads=1,
+                        batch_size=args.batch_size or 256)
 
-        res = poly_accuracy(complete, by_m, fits)
-        metrics = res.metrics()
-        details = {"correct": res.correct, "total": res.total, "prompt_too_long": res.too_long}
-        rows = [[m, res.correct[m], res.total[m], res.too_long[m], f"{res.correct[m] / res.total[m]:.4f}"] for m in sorted(res.total)]
-        table = tabulate(rows, headers=["m", "correct", "total", "too long", "accuracy"])
+    def fits(prompt: str) -> bool:
+        return len(encode_prompt(tokenizer, prompt)) + max_new <= cfg.model.context
 
-    seconds = time.time() - t0
-    run_dir = run_dir_of(ckpt)
-    out = args.json or run_dir / "eval" / f"synth_{args.task}.json"
-    step = read_state(ckpt).get("step")
-    write_json(out, {"task": args.task, "checkpoint": str(ckpt), "step": step, "data": str(args.data),
-                     "metrics": metrics, "details": details, "seconds": seconds})
-    print(table)
-    print("\n".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
-    log_to_run(run_dir, metrics, artifacts=[out] if out.resolve().is_relative_to(run_dir.resolve()) else [], step=step)
-    print(f"synth eval: {args.task} in {seconds:.1f} s -> {out}")
-    return 0
+    res = poly_accuracy(complete, by_m, fits)
+    details = {"correct": res.correct, "total": res.total, "prompt_too_long": res.too_long}
+    rows = [[m, res.correct[m], res.total[m], res.too_long[m], f"{res.correct[m] / res.total[m]:.4f}"] for m in sorted(res.total)]
+    return res.metrics(), details, tabulate(rows, headers=["m", "correct", "total", "too long", "accuracy"])

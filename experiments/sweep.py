@@ -25,7 +25,8 @@ child run under the sweep's parent run, tagged `sweep`, `study` and `grid.<axis>
 stage is a `bytelm` subprocess (train, synth eval, eval, decode-bench), so the runner
 depends only on their command lines. A finished stage leaves `stages/<stage>.json` in the run directory
 and is skipped when the sweep runs again; an interrupted training run resumes from its
-checkpoint; the run directory's mlflow.json keeps its MLflow run the same one. A stage
+checkpoint; an evaluation stage (and each of its --json outputs) counts for the checkpoint
+step it read, so one that evaluated a stopped run runs again once training has resumed; the run directory's mlflow.json keeps its MLflow run the same one. A stage
 that fails marks its run FAILED with the error and the sweep goes on with the others.
 """
 
@@ -383,19 +384,40 @@ def _train_status(run_dir: Path) -> str | None:
     return json.loads(status.read_text()).get("status") if status.is_file() else None
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The training step of the checkpoint that the later stages read (`--checkpoint RUN_DIR`
+    is its latest), None before the first checkpoint."""
+    from bytelm.checkpoint import read_state, resolve_checkpoint
+
+    try:
+        return read_state(resolve_checkpoint(run_dir))["step"]
+    except UserError:
+        return None
+
+
 def stage_done(run_dir: Path, stage: str) -> bool:
+    """Whether a stage need not run again. An evaluation counts only for the checkpoint it
+    read: a run stopped at its time limit is evaluated there, and once a later call has
+    resumed its training, its evaluations run again on the newer checkpoint."""
     marker = run_dir / "stages" / f"{stage}.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("status") == "finished":
-        return True
-    # trained before the sweep knew of it (or its marker was lost)
-    return stage == "train" and _train_status(run_dir) == "finished"
+    record = json.loads(marker.read_text()) if marker.is_file() else {}
+    if stage == "train":
+        # trained before the sweep knew of it (or its marker was lost)
+        return record.get("status") == "finished" or _train_status(run_dir) == "finished"
+    return record.get("status") == "finished" and record.get("step") == checkpoint_step(run_dir)
 
 
-def _output_exists(cmd: list[str]) -> bool:
-    """Whether a stage command's --json output is there: such outputs are written whole at
-    the command's end, so an evaluation task that finished before its stage was cut short
-    does not run again."""
-    return "--json" in cmd and Path(cmd[cmd.index("--json") + 1]).is_file()
+def _output_exists(cmd: list[str], step: int | None) -> bool:
+    """Whether a stage command's --json output is there for this checkpoint step: such
+    outputs are written whole at the command's end, so an evaluation task that finished
+    before its stage was cut short does not run again."""
+    if "--json" not in cmd:
+        return False
+    out = Path(cmd[cmd.index("--json") + 1])
+    if not out.is_file():
+        return False
+    record = json.loads(out.read_text())
+    return record.get("step", record.get("setup", {}).get("step")) == step
 
 
 def last_error(log: Path) -> str:
@@ -526,9 +548,10 @@ class SweepRunner:
             log_path.parent.mkdir(exist_ok=True)
             t0 = time.time()
             rc = 0
+            step = checkpoint_step(run_dir)  # what an evaluation stage reads
             with open(log_path, "a") as f:
                 for cmd in stage_cmds:
-                    if _output_exists(cmd):  # done by an earlier, interrupted call of this stage
+                    if _output_exists(cmd, step):  # done by an earlier, interrupted call of this stage
                         f.write(f"\n(done: {cmd[cmd.index('--json') + 1]}) {' '.join(cmd)}\n")
                         continue
                     f.write(f"\n$ {' '.join(cmd)}\n")
@@ -541,7 +564,7 @@ class SweepRunner:
                 result.stages[stage] = "failed"
                 result.error = f"{stage} exited with {rc}: {last_error(log_path)}"
                 write_json(run_dir / "stages" / f"{stage}.json",
-                           {"status": "failed", "error": result.error, "seconds": seconds, "device": device})
+                           {"status": "failed", "error": result.error, "seconds": seconds, "device": device, "step": step})
                 log(f"{plan.name}: {stage} FAILED after {seconds:.0f} s: {result.error}")
                 if self.use_mlflow:
                     self.mark_failed(plan, run_dir, result.error)
@@ -553,7 +576,8 @@ class SweepRunner:
                 log(f"{plan.name}: train stopped at its time limit after {seconds:.0f} s; run the sweep again to resume")
                 break
             write_json(run_dir / "stages" / f"{stage}.json",
-                       {"status": "finished", "error": None, "seconds": seconds, "device": device})
+                       {"status": "finished", "error": None, "seconds": seconds, "device": device,
+                        "step": checkpoint_step(run_dir)})
             result.stages[stage] = "finished"
             log(f"{plan.name}: {stage} finished in {seconds:.0f} s on {device}")
             if stage == "train":

@@ -158,6 +158,28 @@ def test_induction_section_tables_statements_and_figure(store):
     assert_png(out / "induction.png")
     assert "](induction.png)" in text
     assert {out / "induction.md", out / "induction.csv", out / "induction.png"} <= set(files)
+    assert "Each run at its latest checkpoint (not the paper's epoch oracle" in text
+
+
+def test_induction_runs_scored_at_every_checkpoint_are_tabulated_at_their_oracle(store):
+    """`bytelm synth eval --checkpoints all` logs oracle/<metric> (the paper's epoch oracle)
+    beside the latest checkpoint's metrics; the report tables the oracle's."""
+    uri, root = store
+    runs = []
+    for (vocab, size, n), accs in INDUCTION.items():
+        if vocab == "bpe" and size == "1M":
+            for seed, acc in enumerate(accs):
+                best = {"induction/acc": acc, "induction/acc_name": acc, "induction/acc_first": 0.0}
+                latest = {k: v / 2 for k, v in best.items()}  # memorised since: worse at the end
+                runs.append(({"size": size, "vocab": vocab, "n": n, "seed": seed}, latest | {
+                    f"oracle/{k}": v for k, v in best.items()} | {"oracle/step": 300.0,
+                                                                   "model/params_non_embedding": PARAMS[size]}))
+    log_runs(MlflowClient(uri), "induction_oracle", "induction", runs)
+    report, _, _ = build_report("induction_oracle", uri, root / "induction_oracle")
+    text = report.read_text()
+    assert md_rows(text)[("BPE", "1M")][2:] == ["1.07M", "32.0 ± 2.8", "53.0 ± 4.2", "+21.0", "2 / 2"]
+    assert "Each run at its checkpoint with the best test accuracy (the paper's epoch oracle" in text
+    assert pd.read_csv(root / "induction_oracle" / "runs.csv")["oracle/step"].tolist() == [300.0] * 4
 
 
 def test_poly_section_tables_statements_and_figure(store):

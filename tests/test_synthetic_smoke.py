@@ -43,8 +43,19 @@ def run_sweep(cwd: Path, name: str) -> Path:
 
 
 def test_poly_smoke_sweep_end_to_end(tmp_path):
+    """In calls, as on a lent GPU: training stopped by its time limit, the stopped runs
+    evaluated, then training resumed to the end; the evaluations run again on the newer
+    checkpoint instead of counting as done (2026-11-30: they were skipped, and the report
+    showed accuracies of checkpoints 150-400 steps short)."""
     bytelm(tmp_path, "synth", "poly", "--out", "data/synth/poly_smoke", "--n-train", "5000", "--test-per-m", "5")
+    spec = str(REPO / "experiments" / "sweeps" / "poly_smoke.yaml")
+    bytelm(tmp_path, "sweep", spec, "--stages", "train", "--set", "train.steps=10", "--set", "train.time_limit_s=1e-6")
+    bytelm(tmp_path, "sweep", spec, "--stages", "synth")
+    stopped = json.loads((tmp_path / "runs/poly_smoke/runs/n1-s0/eval/synth_poly.json").read_text())
+    assert stopped["step"] == 1
     sweep = run_sweep(tmp_path, "poly_smoke")
+    rows = [json.loads(line) for line in (sweep / "runs/n1-s0/eval_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "poly/acc/m1" in r] == [1, 10]  # evaluated at both checkpoints
     names = {f"poly/acc/m{m}" for m in range(1, 11)} | {"poly/acc_in_domain", "poly/acc_ood"}
     for run_name in ("n1-s0", "n2-s0"):
         run = sweep / "runs" / run_name
@@ -67,17 +78,31 @@ def test_induction_smoke_sweep_end_to_end(tmp_path):
         assert out["details"]["stories"] == 10 and out["step"] == 10
         assert mlflow_metrics(tmp_path, run)["induction/acc"] == m["induction/acc"]
 
-    # a byte model is scored on the same stories, on bytes 2..len of each name
+    # a byte model is scored on the same stories, on bytes 2..len of each name; at every
+    # kept checkpoint with --checkpoints all, and at the best (the paper's epoch oracle)
     bytelm(tmp_path, "train", "--config", str(REPO / "experiments/configs/induction_smoke.yaml"), "--run-dir", "runs/bytes",
-           "--set", "data.tokenizer=bytes", "--set", "model.context=1024", "--set", "train.steps=2",
-           "--set", "tracking.mlflow=false")
-    bytelm(tmp_path, "synth", "eval", "--task", "induction", "--checkpoint", "runs/bytes", "--json", "b.json")
-    mb = json.loads((tmp_path / "b.json").read_text())["metrics"]
+           "--set", "data.tokenizer=bytes", "--set", "model.context=1024", "--set", "train.steps=3",
+           "--set", "train.checkpoint_every=1", "--set", "train.keep_last=2", "--set", "tracking.mlflow=false")
+    bytelm(tmp_path, "synth", "eval", "--task", "induction", "--checkpoint", "runs/bytes", "--checkpoints", "all",
+           "--json", "b.json")
+    out = json.loads((tmp_path / "b.json").read_text())
+    mb = out["metrics"]
     assert set(mb) == {"induction/acc_bytes", "induction/acc_bytes_name", "induction/acc_bytes_first", "induction/acc_bytes_n"}
     assert mb["induction/acc_bytes_n"] > m["induction/acc_n"]  # several bytes per name, one token
+    assert out["step"] == 3 and [r["step"] for r in out["by_step"]] == [2, 3] and out["by_step"][-1]["metrics"] == mb
+    accs = [r["metrics"]["induction/acc_bytes"] for r in out["by_step"]]
+    best = out["by_step"][accs.index(max(accs))]
+    assert out["oracle"] == {"metric": "induction/acc_bytes", "step": best["step"], "metrics": best["metrics"]}
     # without MLflow the metrics stay in the run directory, for `bytelm track import`
     rows = [json.loads(line) for line in (tmp_path / "runs/bytes/eval_metrics.jsonl").read_text().splitlines()]
-    assert rows[-1] == {"step": 2, **mb}
+    assert rows[-2] == {"step": 2, **out["by_step"][0]["metrics"]}
+    assert rows[-1] == {"step": 3, **mb, **{f"oracle/{k}": v for k, v in best["metrics"].items()}, "oracle/step": best["step"]}
+    # a single checkpoint folder has no others to choose from
+    r = subprocess.run([sys.executable, "-m", "bytelm", "synth", "eval", "--task", "induction", "--checkpoint",
+                        "runs/bytes/checkpoints/step_0000003",
+                        "--checkpoints", "all"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "--checkpoints all needs a run directory" in r.stderr and "Traceback" not in r.stderr
 
     # the names are two tokens under the data set's BPE only: a model of another BPE is refused
     other = tmp_path / "other"

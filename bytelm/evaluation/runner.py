@@ -311,7 +311,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     logs pass@k per temperature and at the oracle temperature to the checkpoint's run."""
     import torch
 
-    from bytelm.checkpoint import load_model, run_dir_of
+    from bytelm.checkpoint import load_model, read_state, resolve_checkpoint, run_dir_of
     from bytelm.generate import cast_for_inference
     from bytelm.tracking import log_to_run
 
@@ -324,10 +324,11 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     # is bound by kernel launches (docs/decoding.md), which would dominate the eval's time.
     sampler = _Sampler(model, tokenizer, s, cuda_graphs=device == "cuda")
     run_dir = run_dir_of(checkpoint)
+    step = read_state(resolve_checkpoint(checkpoint))["step"]  # the training step evaluated
     out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
     metrics: dict[str, float] = {}
     summary: dict = {
-        "checkpoint": str(checkpoint), "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
+        "checkpoint": str(checkpoint), "step": step, "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
         "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "device": device,
         "dtype": dtype, "cuda_graphs": sampler.cuda_graphs, "attention": s.attention, "tasks": {},
     }
@@ -367,5 +368,5 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     for t, v in summary["tasks"].items():
         print(f"{t} oracle temperature: " + ", ".join(
             f"pass@{k} {b['pass_at_k']:.4f} (t={b['temperature']:g})" for k, b in v["best"].items()))
-    log_to_run(run_dir, metrics, artifacts=[out, results_path(out)])
+    log_to_run(run_dir, metrics, artifacts=[out, results_path(out)], step=step)
     return summary

@@ -23,9 +23,12 @@ timeout $(left) bytelm sweep $SPEC --no-mlflow --stages train --only $R --device
   --set train.time_limit_s=$(( $(left) - 30 )) > $D/train.log 2>&1
 echo "train sweep exit $? with $(left) s left" >> $D/train.log
 wait  # the graph smoke, before the benchmarks take the GPU
-link_n8 $D $RUN_DIR
+link_n8 $D $RUN_DIR || { pack decode_b16 $D $RUN_DIR; exit 0; }  # trained on in the next call
 bench() { local name=$1; shift; bench_n8 $D $name $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@"; }
-bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3
+# flex split 4: its full-batch verify step costs 1.18 plain (cuDNN) steps, against 1.26 unsplit
+# (docs/bench/decode_step_bytes30m_b16_h200.json)
+bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3 \
+  --flex-split-kv ${SPLIT:-4}
 # evaluation's sampling with 8 heads over MBPP's long prompts, under the default cuDNN kernel
 # and the memory-efficient one (cuDNN costs ~4x for 8 query positions): the summaries'
 # decoding.<T>.ms_per_step say which kernel evaluation should use

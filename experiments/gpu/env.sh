@@ -25,7 +25,13 @@ pack() { local name=$1; shift; tar czf "$OUT/$name.tgz" --exclude=checkpoints --
 pack_samples() { local name=$1; shift; tar cf - "$@" 2>/dev/null | xz -T0 -3 > "$OUT/$name.tar.xz"; }
 # The byte n = 8 checkpoint benchmarked apart from its sweep: DIR/checkpoints/n8 links to
 # RUN_DIR's latest checkpoint, so decode-bench logs its metrics into DIR, not the run.
-link_n8() { mkdir -p $1/checkpoints; [ -e $1/checkpoints/n8 ] || ln -s "$(ls -d $PWD/$2/checkpoints/step_* | tail -n 1)" $1/checkpoints/n8; }
+# Linked anew each time, and only once the run has finished training: a link made to a
+# stopped run's checkpoint dangled after the next call trained on and pruned it (2026-11-30).
+link_n8() {
+  mkdir -p $1/checkpoints; rm -f $1/checkpoints/n8
+  grep -q '"status": "finished"' $2/status.json 2>/dev/null || { echo "link_n8: $2 has not finished training" >&2; return 1; }
+  ln -s "$(ls -d $PWD/$2/checkpoints/step_* | tail -n 1)" $1/checkpoints/n8
+}
 # decode-bench on DIR/checkpoints/n8 into DIR/NAME.json and .log, unless that JSON is there
 # (a benchmark cut short writes nothing and runs again next call) or under 120 s are left
 bench_n8() {  # DIR NAME [decode-bench flags]

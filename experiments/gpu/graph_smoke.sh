@@ -9,8 +9,10 @@ bytelm prepare --preset smoke --out "$D/data" --workers 2 > "$D.prepare.log" 2>&
 bytelm train --config experiments/configs/smoke.yaml --run-dir "$D/run" --set data.root="$D/data" \
   --set model.n_future=4 --set train.steps=40 --set train.device=auto --set tracking.mlflow=false > "$D.train.log" 2>&1
 for mode in --cuda-graphs "--cuda-graphs --compile"; do
-  # TORCH_LOGS=recompiles: what made a compiled step slow (2026-11-30: 38 plain steps at batch 4)
-  TORCH_LOGS=$([ "$mode" = --cuda-graphs ] || echo recompiles) bytelm decode-bench --checkpoint "$D/run" $mode --dtype float32 --heads 1,4 --batch-sizes 1,4 --n-prompts 8 \
+  # TORCH_LOGS=recompiles: what made a compiled step slow (2026-11-30: 38 plain steps at
+  # batch 4). Set for the compiled mode only: an empty TORCH_LOGS fails torch's import (2.11)
+  logs=(); [ "$mode" = --cuda-graphs ] || logs=(env TORCH_LOGS=recompiles)
+  "${logs[@]}" bytelm decode-bench --checkpoint "$D/run" $mode --dtype float32 --heads 1,4 --batch-sizes 1,4 --n-prompts 8 \
     --prompt-len 100 --max-new 48 --json "$D/bench.json"
   python3 - "$D/bench.json" <<'PY'
 import json, sys
