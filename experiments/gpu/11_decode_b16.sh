@@ -2,9 +2,10 @@
 #   bash experiments/gpu/11_decode_b16.sh & GPUS=1 SLOTS=16 bash experiments/gpu/10_synthetic_sweep.sh SPEC STEPS; wait
 # The main study's byte n = 8 model (bytes-n8-unembed-s0 of main_h200x2.yaml, trained here
 # first where this machine lacks it) decoded at batch 16 the paper's way: a queue of prompts
-# (128 here, 4,096 in the paper) streams through the 16 slots, so a finished row takes the
-# next prompt instead of the batch waiting for its slowest row (occupancy 0.59 with 16
-# prompts on 2026-11-30: docs/benchmarks.md). Then a slice of MBPP sampled under two
+# (240 here, about every held-out file of 512 bytes or more; 4,096 in the paper) streams
+# through the 16 slots, so a finished row takes the next prompt instead of the batch
+# waiting for its slowest row (occupancy 0.59 with 16 prompts on 2026-11-30:
+# docs/benchmarks.md). Then a slice of MBPP sampled under two
 # attention kernels, the float32 audit of the compiled FlexAttention step, and the batch-16
 # step costs. While the CPUs prepare the corpus, the GPU runs graph_smoke.sh, whose
 # compiled batch-4 row cost 38 plain steps on 2026-11-30 (TORCH_LOGS=recompiles says why).
@@ -27,7 +28,7 @@ link_n8 $D $RUN_DIR || { pack decode_b16 $D $RUN_DIR; exit 0; }  # trained on in
 bench() { local name=$1; shift; bench_n8 $D $name $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@"; }
 # flex split 4: its full-batch verify step costs 1.18 plain (cuDNN) steps, against 1.26 unsplit
 # (docs/bench/decode_step_bytes30m_b16_h200.json)
-bench b16_queue128 --batch-sizes 16 --n-prompts 128 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3 \
+bench b16_queue240 --batch-sizes 16 --n-prompts 240 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3 \
   --flex-split-kv ${SPLIT:-4}
 # evaluation's sampling with 8 heads over MBPP's long prompts, under the default cuDNN kernel
 # and the memory-efficient one (cuDNN costs ~4x for 8 query positions): the summaries'
