@@ -62,7 +62,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", help="heads used, comma-separated (default: 1, 2, 4, ... up to the model's n, and n)")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--max-new", type=int, help="new tokens per prompt (default: 1024, less where the context ends)")
-    p.add_argument("--n-prompts", type=int, default=64, help="number of prompts (default 64)")
+    p.add_argument("--n-prompts", type=int, default=64,
+                   help="number of prompts (default 64); beyond one per document, later windows of each")
     p.add_argument("--prompt-len", type=int, help="prompt length in bytes (default: 1024 or half the context)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -111,7 +112,7 @@ def heads_to_run(requested: str | None, n: int) -> list[int]:
 
 
 def cut_utf8(data: bytes, length: int) -> bytes:
-    """The first `length` bytes, minus a UTF-8 character cut in half at the end."""
+    """The first `length` bytes, minus a UTF-8 character cut in half at either end."""
     return data[:length].decode("utf-8", errors="ignore").encode("utf-8")
 
 
@@ -151,11 +152,20 @@ def documents(source: str, cfg, data_dir: str | None) -> tuple[str, list[bytes],
 
 
 def select_prompts(docs: list[bytes], n: int, length: int | None, keep_short: bool) -> list[bytes]:
-    """The first n documents of at least `length` bytes, cut to that length."""
+    """The first n prompts of `length` bytes: the first window of every document at least
+    that long, then, while more are asked for than there are documents (the paper streams
+    4,096 prompts), the second window of every document with one, and so on; whole UTF-8
+    characters only. Prompt files (keep_short): each entry once, cut to `length`."""
     if length is None:
         return docs[:n]
-    out = [cut_utf8(d, length) for d in docs if keep_short or len(d) >= length]
-    return [p for p in out if p][:n]
+    if keep_short:
+        return [p for p in (cut_utf8(d, length) for d in docs) if p][:n]
+    out: list[bytes] = []
+    for w in range(max(map(len, docs), default=0) // length):
+        out += [p for d in docs if len(d) >= (w + 1) * length and (p := cut_utf8(d[w * length:], length))]
+        if len(out) >= n:
+            break
+    return out[:n]
 
 
 # ----------------------------------------------------------------------------- measuring

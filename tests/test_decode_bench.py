@@ -122,6 +122,15 @@ def test_heads_to_run():
 
 def test_select_prompts_cuts_whole_characters():
     docs = ["short".encode(), ("é" * 10).encode(), b"x" * 30]
-    assert select_prompts(docs, 5, 7, keep_short=False) == [("é" * 3).encode(), b"x" * 7]
+    assert select_prompts(docs, 2, 7, keep_short=False) == [("é" * 3).encode(), b"x" * 7]
     assert select_prompts(docs, 5, 7, keep_short=True)[0] == b"short"
     assert select_prompts(docs, 1, None, keep_short=True) == [b"short"]
+
+
+def test_more_prompts_than_documents_take_their_later_windows():
+    docs = [b"a" * 21, b"b" * 7, b"short", b"c" * 14]
+    assert select_prompts(docs, 10, 7, keep_short=False) == [b"a" * 7, b"b" * 7, b"c" * 7, b"a" * 7, b"c" * 7, b"a" * 7]
+    assert select_prompts(docs, 4, 7, keep_short=False) == [b"a" * 7, b"b" * 7, b"c" * 7, b"a" * 7]
+    # a window that starts or ends inside a character keeps the whole characters only
+    assert select_prompts([("é" * 10).encode()], 3, 7, keep_short=False) == [("é" * 3).encode()] * 2
+    assert select_prompts([b"x" * 3], 2, 7, keep_short=False) == []
