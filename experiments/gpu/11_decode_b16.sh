@@ -2,7 +2,7 @@
 #   bash experiments/gpu/11_decode_b16.sh & GPUS=1 SLOTS=16 bash experiments/gpu/10_synthetic_sweep.sh SPEC STEPS; wait
 # The main study's byte n = 8 model (bytes-n8-unembed-s0 of main_h200x2.yaml, trained here
 # first where this machine lacks it) decoded at batch 16 the paper's way: a queue of prompts
-# (240 here, about every held-out file of 512 bytes or more; 4,096 in the paper) streams
+# (240 here, what the call's time allows; 4,096 in the paper) streams
 # through the 16 slots, so a finished row takes the next prompt instead of the batch
 # waiting for its slowest row (occupancy 0.59 with 16 prompts on 2026-11-30:
 # docs/benchmarks.md). Then a slice of MBPP sampled under two
