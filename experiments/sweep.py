@@ -23,11 +23,13 @@ A sweep spec (experiments/sweeps/*.yaml; docs/sweeps.md has the full format):
 Each configuration is one run directory (runs/<name>/runs/<run name>) and one MLflow
 child run under the sweep's parent run, tagged `sweep`, `study` and `grid.<axis>`. Every
 stage is a `bytelm` subprocess (train, synth eval, eval, decode-bench), so the runner
-depends only on their command lines. A finished stage leaves `stages/<stage>.json` in the run directory
-and is skipped when the sweep runs again; an interrupted training run resumes from its
-checkpoint; an evaluation stage (and each of its --json outputs) counts for the checkpoint
-step it read, so one that evaluated a stopped run runs again once training has resumed; the run directory's mlflow.json keeps its MLflow run the same one. A stage
-that fails marks its run FAILED with the error and the sweep goes on with the others.
+depends only on their command lines. A finished stage leaves `stages/<stage>.json` in the
+run directory and is skipped when the sweep runs again; an interrupted training run
+resumes from its checkpoint; an evaluation stage (and each of its --json outputs) counts
+for the checkpoint step it read, so one that evaluated a stopped run runs again once
+training has resumed; the run directory's mlflow.json keeps its MLflow run the same one.
+A stage that fails marks its run FAILED with the error and the sweep goes on with the
+others.
 """
 
 from __future__ import annotations
