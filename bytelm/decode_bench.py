@@ -75,6 +75,9 @@ def add_arguments(p) -> None:
     p.add_argument("--flex-split-kv", type=int, default=0,
                    help="with --attention flex: the parts FlexAttention's decoding kernel splits the cache into "
                         "(default 0: PyTorch's choice, a single part once batch x heads exceeds the GPU's SMs)")
+    p.add_argument("--refill-min", type=int, default=0,
+                   help="with more prompts than the batch: refill finished slots only once this many are free, "
+                        "one prefill for the group (default 0: the decoder's, a quarter of the batch on a GPU, 1 on a CPU)")
     p.add_argument("--cache-block", type=int, default=CACHE_BLOCK,
                    help=f"a step reads the cache in blocks of this many positions (default {CACHE_BLOCK}); "
                         "with --compile a coarser block means fewer compilations")
@@ -255,6 +258,7 @@ def run_benchmark(
     repeats: int = 1,
     cache_block: int = CACHE_BLOCK,
     flex_split_kv: int = 0,
+    refill_min: int | None = None,
 ) -> list[dict]:
     """One row per (heads used, batch size, attention); `heads` starts with 1
     (`heads_to_run`): each batch size's baseline is its fastest plain decoder over the
@@ -270,7 +274,7 @@ def run_benchmark(
     for batch, k, att in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
                           cuda_graphs=cuda_graphs, compile=compile, attention=att, cache_block=cache_block,
-                          flex_split_kv=flex_split_kv)
+                          flex_split_kv=flex_split_kv, refill_min=refill_min)
         runs[batch, k, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
         if torch.cuda.is_available():
@@ -338,6 +342,8 @@ def main(args) -> int:
                         ("--max-new", args.max_new), ("--prompt-len", args.prompt_len)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.refill_min < 0:
+        raise UserError(f"--refill-min must be >= 0 (0: the decoder's default), got {args.refill_min}")
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
     attention = tuple(dict.fromkeys(a.strip() for a in args.attention.split(",")))
     unknown = [a for a in attention if a not in ATTENTION_BACKENDS]
@@ -370,7 +376,8 @@ def main(args) -> int:
 
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
                          cuda_graphs=args.cuda_graphs, compile=args.compile, attention=attention,
-                         repeats=args.repeats, cache_block=args.cache_block, flex_split_kv=args.flex_split_kv)
+                         repeats=args.repeats, cache_block=args.cache_block, flex_split_kv=args.flex_split_kv,
+                         refill_min=args.refill_min or None)
     print(table(rows))
 
     run_dir = run_dir_of(args.checkpoint)
@@ -380,7 +387,8 @@ def main(args) -> int:
         "prompt_len_bytes": prompt_len if not keep_short else args.prompt_len, "prompt_tokens_max": longest,
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
         "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": list(attention),
-        "cache_block": args.cache_block, "flex_split_kv": args.flex_split_kv, "repeats": args.repeats, "hardware": hardware(),
+        "cache_block": args.cache_block, "flex_split_kv": args.flex_split_kv, "refill_min": args.refill_min,  # 0: the decoder's default
+        "repeats": args.repeats, "hardware": hardware(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},

@@ -319,9 +319,10 @@ class Decoder:
         if cuda_graphs and p.device.type != "cuda":
             raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
         self.model, self.k, self.B, self.sampling = model, heads, batch_size, sampling
-        # On a GPU a prefill is an eager forward that costs many graphed steps, so finished
-        # slots wait (idle, their step rows wasted) until a quarter of the batch can be
-        # refilled at once; on a CPU a prefill costs what its tokens cost: refill at once.
+        # On a GPU a prefill costs several graphed steps even when it is captured itself,
+        # so finished slots wait (idle, their step rows wasted) until a quarter of the batch
+        # can be refilled at once; on a CPU a prefill costs what its tokens cost: refill at
+        # once. Which is faster on a GPU depends on the model (decode-bench --refill-min).
         self.refill_min = refill_min or (max(1, batch_size // 4) if p.device.type == "cuda" else 1)
         self.L = min(max_len or model.cfg.context, model.cfg.context)
         self.device, V = p.device, model.cfg.vocab_size

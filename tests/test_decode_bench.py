@@ -51,8 +51,10 @@ def bench(run_dir, *args):
 @pytest.mark.slow
 def test_bench_writes_rows_and_logs_to_mlflow(run_dir):
     out = run_dir.parent / "bench.json"
+    # 4 prompts through batch 3: a finished slot takes the queue's last prompt, after a
+    # second slot is free (--refill-min 2)
     p = bench(run_dir, "--prompts", "code", "--heads", "1,2,4", "--batch-sizes", "1,3", "--n-prompts", "4",
-              "--prompt-len", "48", "--max-new", "24", "--json", str(out))
+              "--prompt-len", "48", "--max-new", "24", "--refill-min", "2", "--json", str(out))
     assert p.returncode == 0, p.stderr
     assert "speedup" in p.stdout and "P(drafts 1..j accepted)" in p.stdout  # the table
     result = json.loads(out.read_text())
@@ -68,6 +70,8 @@ def test_bench_writes_rows_and_logs_to_mlflow(run_dir):
         assert r["speedup"] > 0 and "plain greedy" in r["baseline"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["tokens_per_forward"] == 1.0
     assert result["setup"]["prompts"] == "code" and result["setup"]["prompt_len_bytes"] == 48
+    assert result["setup"]["refill_min"] == 2 and result["setup"]["step"] == json.loads(
+        (run_dir / "status.json").read_text())["step"]
 
     info = json.loads((run_dir / "mlflow.json").read_text())
     client = MlflowClient(info["tracking_uri"])
@@ -103,6 +107,7 @@ def test_bench_stories_prompts_default_output(run_dir):
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
     (["--batch-sizes", "0"], "--batch-sizes takes integers >= 1"),
     (["--attention", "auto,fast"], "--attention takes a comma-separated list of"),
+    (["--refill-min", "-1"], "--refill-min must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_dir, args, message):
     p = bench(run_dir, *args)

@@ -39,6 +39,10 @@ for a in ${EVAL_KERNELS:-auto efficient}; do
     --json $D/eval_$a.json > $D/eval_$a.log 2>&1
 done
 bench b4_float32 --batch-sizes 4 --n-prompts 8 --prompt-len 256 --max-new 128 --attention ${ATTENTION:-flex} --dtype float32
+# the queue again, each finished slot refilled at once (the default waits for 4 free slots,
+# one prefill for the group): which costs less, idle slots or more prefills
+bench b16_queue240_refill1 --batch-sizes 16 --n-prompts 240 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} \
+  --repeats 3 --flex-split-kv ${SPLIT:-4} --refill-min 1
 # where a batch-16 verify step's time goes (1.28 plain steps on 2026-11-30): the step alone
 # on random weights of this shape, flex with and without splitting the cache, and the
 # top kernels of one eager step
