@@ -120,6 +120,11 @@ def read_state(ckpt: Path) -> dict:
         raise UserError(f"checkpoint {ckpt} has no readable state.json: {e}") from None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The training step of a checkpoint folder, or of a run directory's latest checkpoint."""
+    return read_state(resolve_checkpoint(path))["step"]
+
+
 def load_config(ckpt: Path) -> RunConfig:
     try:
         raw = yaml.safe_load((ckpt / "config.yaml").read_text())

@@ -329,7 +329,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
-    from bytelm.checkpoint import load_model, read_state, resolve_checkpoint, run_dir_of
+    from bytelm.checkpoint import checkpoint_step, load_model, run_dir_of
     from bytelm.tracking import hardware, log_to_run
 
     device = args.device
@@ -351,7 +351,7 @@ def main(args) -> int:
         raise UserError(f"--attention takes a comma-separated list of {', '.join(ATTENTION_BACKENDS)}; got {args.attention!r}")
 
     model, tokenizer, cfg = load_model(args.checkpoint, device)
-    step = read_state(resolve_checkpoint(args.checkpoint))["step"]  # the training step benchmarked
+    step = checkpoint_step(args.checkpoint)  # the training step benchmarked
     context = cfg.model.context
     heads = heads_to_run(args.heads, model.n_future)
     if args.cuda_graphs and device != "cuda":

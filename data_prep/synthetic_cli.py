@@ -151,7 +151,8 @@ def evaluate(args) -> int:
     """Scores the latest checkpoint, or with --checkpoints all every step checkpoint the run
     kept (each logged at its step), then picks the paper's "epoch oracle": the checkpoint
     with the best headline test metric (ORACLE_METRICS), logged as oracle/<metric>."""
-    from bytelm.checkpoint import list_checkpoints, load_model, read_state, resolve_checkpoint, run_dir_of
+    from bytelm.checkpoint import (list_checkpoints, load_config, load_model, load_tokenizer_of, read_state,
+                                   resolve_checkpoint, run_dir_of)
     from bytelm.tracking import log_to_run
 
     latest = resolve_checkpoint(args.checkpoint)
@@ -162,16 +163,19 @@ def evaluate(args) -> int:
             raise UserError(f"--checkpoints all needs a run directory with step checkpoints, got {args.checkpoint}")
         ckpts = list_checkpoints(run_dir)
     out = args.json or run_dir / "eval" / f"synth_{args.task}.json"
+    # one run's checkpoints share its data set and tokenizer: checked, and the tests read, once
+    args.data = args.data or Path(load_config(latest).data.root)
+    if not args.data.is_dir():
+        raise UserError(f"--data {args.data} is not a folder (make it with `bytelm synth {args.task} --out DIR`)")
+    _check_tokenizer(load_tokenizer_of(latest), args.data)
+    tests = _read_tests(args)
+    device = _device(args.device)
     t0 = time.time()
     by_step = []
     for i, ckpt in enumerate(ckpts):
-        model, tokenizer, cfg = load_model(ckpt, device=_device(args.device))
-        args.data = args.data or Path(cfg.data.root)
-        if not args.data.is_dir():
-            raise UserError(f"--data {args.data} is not a folder (make it with `bytelm synth {args.task} --out DIR`)")
-        _check_tokenizer(tokenizer, args.data)
+        model, tokenizer, cfg = load_model(ckpt, device=device)
         step = read_state(ckpt).get("step")
-        metrics, details, table = _score(args, model, tokenizer, cfg)
+        metrics, details, table = _score(args, tests, model, tokenizer, cfg)
         by_step.append({"step": step, "checkpoint": str(ckpt), "metrics": metrics, "details": details})
         print(f"step {step}:\n{table}")
         print("\n".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
@@ -194,26 +198,15 @@ def evaluate(args) -> int:
     return 0
 
 
-def _score(args, model, tokenizer, cfg) -> tuple[dict, dict, str]:
-    """(metrics, details, printed table) of one model on the task's test sets."""
+def _read_tests(args):
+    """The task's test sets in args.data: induction's stories, or poly's problems by m."""
     from bytelm.synthetic_eval import read_jsonl
 
     if args.task == "induction":
-        from bytelm.synthetic_eval import argmax_head1, induction_accuracy
         from data_prep.induction import TEST_FILE
 
-        records = read_jsonl(args.data / TEST_FILE)
-        res = induction_accuracy(argmax_head1(model), tokenizer, records, cfg.model.context, args.batch_size or 8)
-        details = {"stories": res.stories, "occurrences_beyond_context": res.cut,
-                   "repeated": vars(res.repeated), "first": vars(res.first)}
-        rows = [["repeated (induction)", res.repeated.correct, res.repeated.total, f"{res.repeated.acc():.4f}",
-                 f"{res.repeated.name_acc():.4f}"],
-                ["first occurrence", res.first.correct, res.first.total, f"{res.first.acc():.4f}", f"{res.first.name_acc():.4f}"]]
-        return res.metrics(), details, tabulate(rows, headers=["occurrences", "correct", "scored", "accuracy", "whole name"])
-
-    from bytelm.generate import encode_prompt, generate
-    from bytelm.synthetic_eval import poly_accuracy
-    from data_prep.polynomials import END, test_file
+        return read_jsonl(args.data / TEST_FILE)
+    from data_prep.polynomials import test_file
 
     files = sorted(args.data.glob("tests/poly_m*.jsonl"), key=lambda p: int(p.stem[len("poly_m"):]))
     if not files:
@@ -225,6 +218,26 @@ def _score(args, model, tokenizer, cfg) -> tuple[dict, dict, str]:
     for m in ms:
         recs = read_jsonl(args.data / test_file(m))
         by_m[m] = recs[: args.max_per_m] if args.max_per_m else recs
+    return by_m
+
+
+def _score(args, tests, model, tokenizer, cfg) -> tuple[dict, dict, str]:
+    """(metrics, details, printed table) of one model on the task's test sets (`_read_tests`)."""
+    if args.task == "induction":
+        from bytelm.synthetic_eval import argmax_head1, induction_accuracy
+
+        res = induction_accuracy(argmax_head1(model), tokenizer, tests, cfg.model.context, args.batch_size or 8)
+        details = {"stories": res.stories, "occurrences_beyond_context": res.cut,
+                   "repeated": vars(res.repeated), "first": vars(res.first)}
+        rows = [["repeated (induction)", res.repeated.correct, res.repeated.total, f"{res.repeated.acc():.4f}",
+                 f"{res.repeated.name_acc():.4f}"],
+                ["first occurrence", res.first.correct, res.first.total, f"{res.first.acc():.4f}", f"{res.first.name_acc():.4f}"]]
+        return res.metrics(), details, tabulate(rows, headers=["occurrences", "correct", "scored", "accuracy", "whole name"])
+
+    from bytelm.generate import encode_prompt, generate
+    from bytelm.synthetic_eval import poly_accuracy
+    from data_prep.polynomials import END
+
     max_new = 16  # "c c c c c;" is 10 bytes, at most 10 tokens
 
     def complete(prompts: list[str]) -> list[str]:
@@ -234,7 +247,7 @@ def _score(args, model, tokenizer, cfg) -> tuple[dict, dict, str]:
     def fits(prompt: str) -> bool:
         return len(encode_prompt(tokenizer, prompt)) + max_new <= cfg.model.context
 
-    res = poly_accuracy(complete, by_m, fits)
+    res = poly_accuracy(complete, tests, fits)
     details = {"correct": res.correct, "total": res.total, "prompt_too_long": res.too_long}
     rows = [[m, res.correct[m], res.total[m], res.too_long[m], f"{res.correct[m] / res.total[m]:.4f}"] for m in sorted(res.total)]
     return res.metrics(), details, tabulate(rows, headers=["m", "correct", "total", "too long", "accuracy"])

@@ -386,13 +386,13 @@ def _train_status(run_dir: Path) -> str | None:
     return json.loads(status.read_text()).get("status") if status.is_file() else None
 
 
-def checkpoint_step(run_dir: Path) -> int | None:
+def evaluated_step(run_dir: Path) -> int | None:
     """The training step of the checkpoint that the later stages read (`--checkpoint RUN_DIR`
     is its latest), None before the first checkpoint."""
-    from bytelm.checkpoint import read_state, resolve_checkpoint
+    from bytelm.checkpoint import checkpoint_step
 
     try:
-        return read_state(resolve_checkpoint(run_dir))["step"]
+        return checkpoint_step(run_dir)
     except UserError:
         return None
 
@@ -406,7 +406,7 @@ def stage_done(run_dir: Path, stage: str) -> bool:
     if stage == "train":
         # trained before the sweep knew of it (or its marker was lost)
         return record.get("status") == "finished" or _train_status(run_dir) == "finished"
-    return record.get("status") == "finished" and record.get("step") == checkpoint_step(run_dir)
+    return record.get("status") == "finished" and record.get("step") == evaluated_step(run_dir)
 
 
 def _output_exists(cmd: list[str], step: int | None) -> bool:
@@ -550,7 +550,7 @@ class SweepRunner:
             log_path.parent.mkdir(exist_ok=True)
             t0 = time.time()
             rc = 0
-            step = checkpoint_step(run_dir)  # what an evaluation stage reads
+            step = evaluated_step(run_dir)  # what an evaluation stage reads
             with open(log_path, "a") as f:
                 for cmd in stage_cmds:
                     if _output_exists(cmd, step):  # done by an earlier, interrupted call of this stage
@@ -579,7 +579,7 @@ class SweepRunner:
                 break
             write_json(run_dir / "stages" / f"{stage}.json",
                        {"status": "finished", "error": None, "seconds": seconds, "device": device,
-                        "step": checkpoint_step(run_dir)})
+                        "step": evaluated_step(run_dir)})
             result.stages[stage] = "finished"
             log(f"{plan.name}: {stage} finished in {seconds:.0f} s on {device}")
             if stage == "train":

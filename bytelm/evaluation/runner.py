@@ -311,7 +311,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     logs pass@k per temperature and at the oracle temperature to the checkpoint's run."""
     import torch
 
-    from bytelm.checkpoint import load_model, read_state, resolve_checkpoint, run_dir_of
+    from bytelm.checkpoint import checkpoint_step, load_model, run_dir_of
     from bytelm.generate import cast_for_inference
     from bytelm.tracking import log_to_run
 
@@ -324,7 +324,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     # is bound by kernel launches (docs/decoding.md), which would dominate the eval's time.
     sampler = _Sampler(model, tokenizer, s, cuda_graphs=device == "cuda")
     run_dir = run_dir_of(checkpoint)
-    step = read_state(resolve_checkpoint(checkpoint))["step"]  # the training step evaluated
+    step = checkpoint_step(checkpoint)  # the training step evaluated
     out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
     metrics: dict[str, float] = {}
     summary: dict = {

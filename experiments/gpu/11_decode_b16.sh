@@ -28,8 +28,9 @@ link_n8 $D $RUN_DIR || { pack decode_b16 $D $RUN_DIR; exit 0; }  # trained on in
 bench() { local name=$1; shift; bench_n8 $D $name $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@"; }
 # flex split 4: its full-batch verify step costs 1.18 plain (cuDNN) steps, against 1.26 unsplit
 # (docs/bench/decode_step_bytes30m_b16_h200.json)
-bench b16_queue240 --batch-sizes 16 --n-prompts 240 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3 \
-  --flex-split-kv ${SPLIT:-4}
+QUEUE=(--batch-sizes 16 --n-prompts 240 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} --repeats 3
+       --flex-split-kv ${SPLIT:-4})
+bench b16_queue240 "${QUEUE[@]}"
 # evaluation's sampling with 8 heads over MBPP's long prompts, under the default cuDNN kernel
 # and the memory-efficient one (cuDNN costs ~4x for 8 query positions): the summaries'
 # decoding.<T>.ms_per_step say which kernel evaluation should use
@@ -41,8 +42,7 @@ done
 bench b4_float32 --batch-sizes 4 --n-prompts 8 --prompt-len 256 --max-new 128 --attention ${ATTENTION:-flex} --dtype float32
 # the queue again, each finished slot refilled at once (the default waits for 4 free slots,
 # one prefill for the group): which costs less, idle slots or more prefills
-bench b16_queue240_refill1 --batch-sizes 16 --n-prompts 240 --prompt-len 512 --max-new 512 --attention ${ATTENTION:-auto,flex} \
-  --repeats 3 --flex-split-kv ${SPLIT:-4} --refill-min 1
+bench b16_queue240_refill1 "${QUEUE[@]}" --refill-min 1
 # where a batch-16 verify step's time goes (1.28 plain steps on 2026-11-30): the step alone
 # on random weights of this shape, flex with and without splitting the cache, and the
 # top kernels of one eager step
