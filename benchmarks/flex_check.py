@@ -1,0 +1,98 @@
+"""Is compiled FlexAttention right on this GPU? The decoding step's attention (a query block
+of T positions per row over a cache, each row at its own position: the block mask of
+`MTPTransformer.rope(..., flex=True)`) under torch.compile, against scaled_dot_product_attention
+with the same rule as a boolean mask computed in float64. CPU tests cannot cover this: the
+compiled kernel exists on CUDA only.
+
+    python benchmarks/flex_check.py --json out.json [--dtypes float32,bfloat16] [--queries 1,9]
+        [--cache 393,512] [--batch 4] [--options none,split4,force_flex]
+
+Prints one row per case with the largest absolute error against the float64 reference and
+the rounding error the same attention has in that dtype through SDPA (`sdpa_err`): a
+correct kernel's error is of the order of SDPA's. Options: none (PyTorch's choices), splitN
+(SPLIT_KV=N, the decoding kernel's cache split), force_flex (FORCE_USE_FLEX_ATTENTION: the
+prefill kernel instead of the decoding one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch.nn.attention.flex_attention import flex_attention
+
+from bytelm.config import ModelConfig
+from bytelm.model import MTPTransformer
+
+
+def kernel_options(name: str) -> dict | None:
+    if name == "none":
+        return None
+    if name == "force_flex":
+        return {"FORCE_USE_FLEX_ATTENTION": True}
+    if name.startswith("split"):
+        return {"SPLIT_KV": int(name[len("split"):])}
+    raise SystemExit(f"flex_check: unknown option {name!r} (none, splitN, force_flex)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--queries", default="1,9")
+    ap.add_argument("--cache", default="393,512")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--options", default="none,split4,force_flex")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("flex_check: needs a CUDA device (compiled FlexAttention runs on CUDA only)")
+    dev = torch.device("cuda")
+    B, H, hd = a.batch, a.heads, a.head_dim
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    rows = []
+    for L in ints(a.cache):
+        # the model only lends its rotary tables and its rule for the block mask
+        model = MTPTransformer(ModelConfig(n_layers=1, d_model=H * hd, n_heads=H, vocab_size=258, context=L)).to(dev)
+        for T in ints(a.queries):
+            g = torch.Generator(device=dev).manual_seed(L * 100 + T)
+            q64 = torch.randn(B, H, T, hd, device=dev, dtype=torch.float64, generator=g)
+            k64 = torch.randn(B, H, L, hd, device=dev, dtype=torch.float64, generator=g)
+            v64 = torch.randn(B, H, L, hd, device=dev, dtype=torch.float64, generator=g)
+            # each row at its own position, the last query at most L - 1
+            first = torch.randint(L // 3, L - T + 1, (B,), device=dev, generator=g)
+            positions = first[:, None] + torch.arange(T, device=dev)
+            mask = torch.arange(L, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+            ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
+            for dname in a.dtypes.split(","):
+                dtype = getattr(torch, dname)
+                q, k, v = q64.to(dtype), k64.to(dtype), v64.to(dtype)
+                sdpa_err = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask).double() - ref).abs().max().item()
+                for oname in a.options.split(","):
+                    opts = kernel_options(oname)
+
+                    def attend(q, k, v, positions, opts=opts, T=T, L=L):
+                        bm = model.rope(T, positions, L, flex=True).block_mask
+                        return flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
+
+                    torch._dynamo.reset()
+                    out = torch.compile(attend, dynamic=False)(q, k, v, positions)
+                    err = (out.double() - ref).abs().max().item()
+                    rows.append(dict(dtype=dname, queries=T, cache=L, options=oname, flex_err=err, sdpa_err=sdpa_err,
+                                     ratio=err / max(sdpa_err, 1e-12)))
+                    print(tabulate([rows[-1]], headers="keys", floatfmt=".3g"), flush=True)
+    print(tabulate(rows, headers="keys", floatfmt=".3g"))
+    setup = dict(date=str(date.today()), hardware=torch.cuda.get_device_name(), torch=torch.__version__,
+                 python=platform.python_version(), batch=B, heads=H, head_dim=hd)
+    with open(a.json, "w") as f:
+        json.dump(dict(setup=setup, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
