@@ -53,7 +53,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -343,15 +343,19 @@ class Decoder:
             self.offsets = torch.arange(heads, device=self.device)
         self.gen = torch.Generator(self.device)
         self._views: dict[tuple[int, int], _CacheView] = {}
-        self._step_fn, self._prefill_fn = self._step, self._prefill_body
+        # The compiled step and prefill (None: eager). The eager ones are not stored as
+        # bound methods: a decoder holding its own methods is a reference cycle, and its
+        # KV cache (GBs at a large batch) would outlive it until Python's cyclic collector
+        # ran (2026-11-30: six 100M arithmetic evaluations on one H200, each building a
+        # decoder per number of operations, ran out of memory).
+        self._compiled: tuple[Callable, Callable] | None = None
         if compile:
             # One compiled graph per (decoder, row bucket, length bucket): far more than
             # dynamo's default limit of 8 recompilations (past the limit dynamo falls back
             # to the eager step, which is slower but computes the same).
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
             torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
-            self._step_fn = torch.compile(self._step, dynamic=False)
-            self._prefill_fn = torch.compile(self._prefill_body, dynamic=False)
+            self._compiled = (torch.compile(self._step, dynamic=False), torch.compile(self._prefill_body, dynamic=False))
         # Rows a step runs on: b itself in eager mode; with graphs, the smallest of these
         # buckets >= b (a graph has a fixed shape, so a few sizes cover every b).
         self._row_buckets = (sorted({min(1 << i, batch_size) for i in range(batch_size.bit_length() + 1)})
@@ -360,6 +364,14 @@ class Decoder:
         self._prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (prompts, padded length) -> graph
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.capture_s = 0.0  # spent capturing graphs (and compiling for them), over the decoder's life
+
+    @property
+    def _step_fn(self) -> Callable:
+        return self._compiled[0] if self._compiled else self._step
+
+    @property
+    def _prefill_fn(self) -> Callable:
+        return self._compiled[1] if self._compiled else self._prefill_body
 
     # -- buckets and views -----------------------------------------------------------
 
