@@ -7,24 +7,13 @@
 # waiting for its slowest row (occupancy 0.59 with 16 prompts on 2026-11-30:
 # docs/benchmarks.md). Then a slice of MBPP sampled under two
 # attention kernels, the float32 audit of the compiled FlexAttention step, and the batch-16
-# step costs. While the CPUs prepare the corpus, the GPU runs graph_smoke.sh, whose
-# compiled batch-4 row cost 38 plain steps on 2026-11-30 (TORCH_LOGS=recompiles says why).
-# A call cut short resumes in the next: the training from its checkpoint, each benchmark
-# whose JSON is missing (the compilations come from inductor's cache on a warm machine).
+# step costs (all run in session 7, 2026-11-30: docs/benchmarks.md). A call cut short
+# resumes in the next: the training from its checkpoint, each benchmark whose JSON is
+# missing (the compilations come from inductor's cache on a warm machine).
 source experiments/gpu/env.sh
-export CUDA_VISIBLE_DEVICES=${GPU:-0}
-SPEC=${SPEC:-experiments/sweeps/main_h200x2.yaml}; R=${RUN:-bytes-n8-unembed-s0}
-RUN_DIR=runs/$(basename "$SPEC" .yaml)/runs/$R; D=runs/decode_b16
+D=runs/decode_b16
 FLAGS=${FLAGS---cuda-graphs --compile}  # a CPU rehearsal sets FLAGS= and ATTENTION=auto
-mkdir -p $D
-[ -f $D/graph_smoke.log ] || [ -n "${NO_SMOKE:-}" ] || (timeout 240 bash experiments/gpu/graph_smoke.sh /tmp/graph_smoke > $D/graph_smoke.log 2>&1
-  echo "graph smoke exit $?" >> $D/graph_smoke.log; cp /tmp/graph_smoke.*.log $D/ 2>/dev/null) &
-prepare_python_env
-timeout $(left) bytelm sweep $SPEC --no-mlflow --stages train --only $R --devices ${TRAIN_DEVICE:-cuda:0} \
-  --set train.time_limit_s=$(( $(left) - 30 )) > $D/train.log 2>&1
-echo "train sweep exit $? with $(left) s left" >> $D/train.log
-wait  # the graph smoke, before the benchmarks take the GPU
-link_n8 $D $RUN_DIR || { pack decode_b16 $D $RUN_DIR; exit 0; }  # trained on in the next call
+n8_ready $D || exit 0  # trained on in the next call
 bench() { local name=$1; shift; bench_n8 $D $name $FLAGS --prompts code --cache-block 2048 --heads 1,8 "$@"; }
 # flex split 4: its full-batch verify step costs 1.18 plain (cuDNN) steps, against 1.26 unsplit
 # (docs/bench/decode_step_bytes30m_b16_h200.json)
@@ -49,4 +38,4 @@ bench b16_queue240_refill1 "${QUEUE[@]}" --refill-min 1
 [ -f $D/step_b16.json ] || [ "$(left)" -lt 240 ] || timeout $(left) python3 benchmarks/decode_step.py --preset bytes-30m \
   --batch-sizes 16 --heads 1,8 --modes ${STEP_MODES:-compile} --attention ${ATTENTION:-auto,flex} --flex-split-kv 0,4 \
   --profile --json $D/step_b16.json > $D/step_b16.log 2>&1
-pack decode_b16 $D $RUN_DIR
+pack decode_b16 $D $N8_RUN

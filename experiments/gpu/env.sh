@@ -39,3 +39,24 @@ bench_n8() {  # DIR NAME [decode-bench flags]
   [ -f $dir/$name.json ] || [ "$(left)" -lt 120 ] || timeout $(left) bytelm decode-bench --checkpoint $dir/checkpoints/n8 \
     "$@" --json $dir/$name.json > $dir/$name.log 2>&1
 }
+# The byte n = 8 checkpoint of the decoding benchmarks in DIR/checkpoints/n8, on GPU $GPU
+# (default 0): the main study's run bytes-n8-unembed-s0 of main_h200x2.yaml (SPEC, RUN
+# override), trained here first where this machine lacks it (~280 s alone, after ~100 s
+# of corpus preparation). While the CPUs prepare the corpus, the GPU runs graph_smoke.sh
+# (NO_SMOKE=1 skips it). Fails, having packed DIR as NAME.tgz, while the run is unfinished:
+# the next call's same command trains on. Sets N8_RUN, the run's folder.
+n8_ready() {
+  local dir=$1 spec=${SPEC:-experiments/sweeps/main_h200x2.yaml} run=${RUN:-bytes-n8-unembed-s0}
+  export CUDA_VISIBLE_DEVICES=${GPU:-0}
+  N8_RUN=runs/$(basename "$spec" .yaml)/runs/$run
+  mkdir -p $dir
+  [ -f $dir/graph_smoke.log ] || [ -n "${NO_SMOKE:-}" ] || (timeout 300 bash experiments/gpu/graph_smoke.sh /tmp/graph_smoke \
+    > $dir/graph_smoke.log 2>&1; echo "graph smoke exit $?" >> $dir/graph_smoke.log
+    cp /tmp/graph_smoke.*.log /tmp/graph_smoke.*.json $dir/ 2>/dev/null) &
+  prepare_python_env
+  timeout $(left) bytelm sweep $spec --no-mlflow --stages train --only $run --devices ${TRAIN_DEVICE:-cuda:0} \
+    --set train.time_limit_s=$(( $(left) - 30 )) > $dir/train.log 2>&1
+  echo "train sweep exit $? with $(left) s left" >> $dir/train.log
+  wait  # the graph smoke, before the benchmarks take the GPU
+  link_n8 $dir $N8_RUN || { pack "$(basename $dir)" $dir $N8_RUN; return 1; }
+}
