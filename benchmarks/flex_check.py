@@ -5,7 +5,7 @@ with the same rule as a boolean mask computed in float64. CPU tests cannot cover
 compiled kernel exists on CUDA only.
 
     python benchmarks/flex_check.py --json out.json [--dtypes float32,bfloat16] [--queries 1,8,9]
-        [--cache 393,1033] [--batch 4] [--options none,split4]
+        [--cache 393,1033] [--batch 4] [--options none,split4] [--decoder] [--decoder-batches 1,4]
 
 Prints one row per case with the largest absolute error against the float64 reference and
 the rounding error the same attention has in that dtype through SDPA (`sdpa_err`): a
@@ -15,6 +15,12 @@ Options: none (PyTorch's choices), splitN (SPLIT_KV=N, the decoding kernel's cac
 force_flex (FORCE_USE_FLEX_ATTENTION: FlexAttention's main kernel instead of the decoding
 one; the decoder's steps never use it, their queries being short. On an H200 with torch
 2.11 it was wrong here by 0.3-0.7 and crashed once, 2026-11-30, docs/decoding.md).
+
+`--decoder` then audits whole decoders the same way decode-bench does, on random weights
+of the main study's byte shape (a random model's greedy tokens must also be exact): the
+compiled, CUDA-graphed Decoder with flex attention, plain and with 8 heads, against plain
+greedy decoding with SDPA run eagerly, token for token, per dtype and batch size. A row
+gives the sequences whose tokens differ and the first differing position of each.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--options", default="none,split4")
+    ap.add_argument("--decoder", action="store_true", help="also audit whole decoders (above)")
+    ap.add_argument("--decoder-batches", default="1,4")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("flex_check: needs a CUDA device (compiled FlexAttention runs on CUDA only)")
@@ -94,6 +102,40 @@ def main() -> None:
                     print(tabulate([rows[-1]], headers="keys", floatfmt=".3g"), flush=True)
                     write_json(a.json, dict(setup=setup, rows=rows))
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
+    if a.decoder:
+        decoders = audit_decoders(dev, a.dtypes.split(","), ints(a.decoder_batches), setup, rows, a.json)
+        print(tabulate(decoders, headers="keys"))
+
+
+def audit_decoders(dev, dtypes, batches, setup, rows, json_path) -> list[dict]:
+    """Compiled, graphed flex decoders against eager SDPA plain greedy decoding, on random
+    weights of the byte n = 8 shape (benchmarks/decode_step.py's bytes-30m preset)."""
+    from decode_step import PRESETS
+
+    from bytelm.generate import Decoder, cast_for_inference
+
+    torch.manual_seed(0)
+    base = MTPTransformer(ModelConfig(context=1024, **PRESETS["bytes-30m"])).to(dev).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (256, 200, 231, 256, 180, 243, 256, 219)]
+    out = []
+    for dname in dtypes:
+        model = cast_for_inference(base, getattr(torch, dname))
+        for batch in batches:
+            def decode(heads, **kw):
+                return Decoder(model, heads=heads, batch_size=batch, max_len=400, cache_block=2048, **kw).run(prompts, 128).tokens
+
+            with torch.inference_mode():
+                ref = decode(1)
+                for heads in (1, 8):
+                    got = decode(heads, attention="flex", compile=True, cuda_graphs=True)
+                    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                             for a, b in zip(ref, got) if a != b]
+                    out.append(dict(dtype=dname, batch=batch, heads=heads, sequences=len(prompts),
+                                    mismatched=len(first), first_differences=first))
+                    print(tabulate([out[-1]], headers="keys"), flush=True)
+                    write_json(json_path, dict(setup=setup, rows=rows, decoders=out))
+    return out
 
 
 if __name__ == "__main__":

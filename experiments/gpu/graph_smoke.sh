@@ -3,13 +3,14 @@
 # float32 with CUDA graphs and with torch.compile, the compiled one with FlexAttention too
 # (every mismatch must be 0: the captured prefills and steps against the eager reference),
 # and a small HumanEval sampling run (speculative sampling from captured graphs). First,
-# the compiled FlexAttention kernel alone against a float64 reference (benchmarks/flex_check.py):
+# the compiled FlexAttention kernel alone against a float64 reference, and compiled flex
+# decoders of the main study's byte shape on random weights (benchmarks/flex_check.py):
 # on 2026-11-30 the main study's byte model decoded with compiled flex in float32 at batch 4
 # gave other tokens than plain decoding (docs/decoding.md), while the kernel alone was exact.
 # Usage: bash experiments/gpu/graph_smoke.sh DIR
 set -e
 D=${1:?usage: graph_smoke.sh DIR}
-python3 benchmarks/flex_check.py --queries 1,8 --cache 393 --json "$D.flex_check.json" > "$D.flex_check.log" 2>&1 || echo "flex_check failed: $D.flex_check.log"
+python3 benchmarks/flex_check.py --queries 1,8 --cache 393 --dtypes float32 --decoder --decoder-batches 4 --json "$D.flex_check.json" > "$D.flex_check.log" 2>&1 || echo "flex_check failed: $D.flex_check.log"
 bytelm prepare --preset smoke --out "$D/data" --workers 2 > "$D.prepare.log" 2>&1
 bytelm train --config experiments/configs/smoke.yaml --run-dir "$D/run" --set data.root="$D/data" \
   --set model.n_future=4 --set train.steps=40 --set train.device=auto --set tracking.mlflow=false > "$D.train.log" 2>&1
