@@ -206,17 +206,12 @@ def _read_tests(args):
         from data_prep.induction import TEST_FILE
 
         return read_jsonl(args.data / TEST_FILE)
-    from data_prep.polynomials import test_file
-
-    files = sorted(args.data.glob("tests/poly_m*.jsonl"), key=lambda p: int(p.stem[len("poly_m"):]))
+    files = {int(p.stem[len("poly_m"):]): p for p in args.data.glob("tests/poly_m*.jsonl")}
     if not files:
         raise UserError(f"{args.data}/tests holds no poly_m*.jsonl (make it with `bytelm synth poly --out {args.data}`)")
-    ms = [int(p.stem[len("poly_m"):]) for p in files]
-    if args.m_max:
-        ms = [m for m in ms if m <= args.m_max]
     by_m = {}
-    for m in ms:
-        recs = read_jsonl(args.data / test_file(m))
+    for m in sorted(m for m in files if not args.m_max or m <= args.m_max):
+        recs = read_jsonl(files[m])
         by_m[m] = recs[: args.max_per_m] if args.max_per_m else recs
     return by_m
 
