@@ -5,7 +5,8 @@ with the same rule as a boolean mask computed in float64. CPU tests cannot cover
 compiled kernel exists on CUDA only.
 
     python benchmarks/flex_check.py --json out.json [--dtypes float32,bfloat16] [--queries 1,8,9]
-        [--cache 393,1033] [--batch 4] [--options none,split4] [--decoder] [--decoder-batches 1,4]
+        [--cache 393,1033] [--batch 4] [--options none,split4] [--no-kernels]
+        [--decoder [--decoder-batches 1,4] [--decoder-layers N] [--decoder-variants V,...] [--steps S]]
 
 Prints one row per case with the largest absolute error against the float64 reference and
 the rounding error the same attention has in that dtype through SDPA (`sdpa_err`): a
@@ -17,10 +18,14 @@ one; the decoder's steps never use it, their queries being short. On an H200 wit
 2.11 it was wrong here by 0.3-0.7 and crashed once, 2026-11-30, docs/decoding.md).
 
 `--decoder` then audits whole decoders the same way decode-bench does, on random weights
-of the main study's byte shape (a random model's greedy tokens must also be exact): the
-compiled, CUDA-graphed Decoder with flex attention, plain and with 8 heads, against plain
-greedy decoding with SDPA run eagerly, token for token, per dtype and batch size. A row
-gives the sequences whose tokens differ and the first differing position of each.
+of the main study's byte shape (a random model's greedy tokens must also be exact): each
+variant (VARIANTS: attention kernel, torch.compile, CUDA graphs), plain and with 8 heads,
+against plain greedy decoding with SDPA run eagerly, token for token, per dtype and batch
+size. A row gives the sequences whose tokens differ, the first differing position of each,
+and how often head 2's draft was accepted. `--steps S` first audits S plain steps one at a
+time from the same state as the eager reference: whether each step's tokens agree, and how
+far the KV cache it leaves is from the reference's, at the positions it wrote and before
+them (a write that did not land, or landed elsewhere, shows there).
 """
 
 from __future__ import annotations
@@ -59,9 +64,18 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--options", default="none,split4")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="check the kernel alone (the cases above; --no-kernels skips them)")
     ap.add_argument("--decoder", action="store_true", help="also audit whole decoders (above)")
     ap.add_argument("--decoder-batches", default="1,4")
+    ap.add_argument("--decoder-layers", type=int, default=0, help="layers of the audited model (0: the preset's 16)")
+    ap.add_argument("--decoder-variants", default="flex+compile+graphs", help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="with --decoder: also audit this many plain steps one by one (tokens and KV-cache writes)")
     a = ap.parse_args()
+    variants = a.decoder_variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"flex_check: unknown decoder variants {sorted(unknown)} (known: {', '.join(VARIANTS)})")
     if not torch.cuda.is_available():
         raise SystemExit("flex_check: needs a CUDA device (compiled FlexAttention runs on CUDA only)")
     dev = torch.device("cuda")
@@ -69,8 +83,12 @@ def main() -> None:
                  python=platform.python_version(), batch=a.batch, heads=a.heads, head_dim=a.head_dim)
     B, H, hd = a.batch, a.heads, a.head_dim
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    rows = []
-    for L in ints(a.cache):
+    rows, decoders, steps = [], [], []
+
+    def save():
+        write_json(a.json, dict(setup=setup, rows=rows, decoders=decoders, steps=steps))
+
+    for L in ints(a.cache) if a.kernels else []:
         # the model only lends its rotary tables and its rule for the block mask
         model = MTPTransformer(ModelConfig(n_layers=1, d_model=H * hd, n_heads=H, vocab_size=258, context=L)).to(dev)
         for T in ints(a.queries):
@@ -100,42 +118,114 @@ def main() -> None:
                     rows.append(dict(dtype=dname, queries=T, cache=L, options=oname, flex_err=err, sdpa_err=sdpa_err,
                                      ratio=err / max(sdpa_err, 1e-12)))
                     print(tabulate([rows[-1]], headers="keys", floatfmt=".3g"), flush=True)
-                    write_json(a.json, dict(setup=setup, rows=rows))
-    print(tabulate(rows, headers="keys", floatfmt=".3g"))
+                    save()
+    if rows:
+        print(tabulate(rows, headers="keys", floatfmt=".3g"))
     if a.decoder:
-        decoders = audit_decoders(dev, a.dtypes.split(","), ints(a.decoder_batches), setup, rows, a.json)
-        print(tabulate(decoders, headers="keys"))
+        setup.update(decoder_layers=a.decoder_layers or "preset")
+        base = decoder_model(dev, a.decoder_layers)
+        if a.steps:
+            audit_steps(base, a.dtypes.split(","), 4, variants, steps, save, a.steps)
+            print(tabulate(steps, headers="keys", floatfmt=".3g"))
+        if a.decoder_batches:  # "": the step audit alone
+            audit_decoders(base, a.dtypes.split(","), ints(a.decoder_batches), variants, decoders, save)
+            print(tabulate(decoders, headers="keys"))
 
 
-def audit_decoders(dev, dtypes, batches, setup, rows, json_path) -> list[dict]:
-    """Compiled, graphed flex decoders against eager SDPA plain greedy decoding, on random
-    weights of the byte n = 8 shape (benchmarks/decode_step.py's bytes-30m preset)."""
+VARIANTS = {  # name -> Decoder options; the reference is eager SDPA without graphs
+    "flex": dict(attention="flex"),  # FlexAttention's unfused reference, eagerly (runs on a CPU too)
+    "flex+compile+graphs": dict(attention="flex", compile=True, cuda_graphs=True),
+    "flex+compile": dict(attention="flex", compile=True),
+    "flex+graphs": dict(attention="flex", cuda_graphs=True),
+    "auto+compile+graphs": dict(attention="auto", compile=True, cuda_graphs=True),
+    "auto+compile": dict(attention="auto", compile=True),
+}
+
+
+def decoder_model(dev, layers: int | None):
+    """Random weights of the byte n = 8 shape (benchmarks/decode_step.py's bytes-30m preset),
+    optionally with fewer layers (faster to compile; the attention shape is the same)."""
     from decode_step import PRESETS
 
+    torch.manual_seed(0)
+    shape = dict(PRESETS["bytes-30m"], **({"n_layers": layers} if layers else {}))
+    return MTPTransformer(ModelConfig(context=1024, **shape)).to(dev).eval()
+
+
+def audit_decoders(base, dtypes, batches, variants, out, save) -> None:
+    """Whole decoders (plain and 8 heads) against eager SDPA plain greedy decoding, token for
+    token: a row per (dtype, batch, variant, heads) with the sequences that differ, the first
+    differing position of each, and the drafts' acceptance (a correct decoder's drafts agree
+    with its verification as often in float32 as in bf16)."""
     from bytelm.generate import Decoder, cast_for_inference
 
-    torch.manual_seed(0)
-    base = MTPTransformer(ModelConfig(context=1024, **PRESETS["bytes-30m"])).to(dev).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (256, 200, 231, 256, 180, 243, 256, 219)]
-    out = []
     for dname in dtypes:
         model = cast_for_inference(base, getattr(torch, dname))
         for batch in batches:
             def decode(heads, **kw):
-                return Decoder(model, heads=heads, batch_size=batch, max_len=400, cache_block=2048, **kw).run(prompts, 128).tokens
+                return Decoder(model, heads=heads, batch_size=batch, max_len=400, cache_block=2048, **kw).run(prompts, 128)
 
             with torch.inference_mode():
-                ref = decode(1)
-                for heads in (1, 8):
-                    got = decode(heads, attention="flex", compile=True, cuda_graphs=True)
-                    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                             for a, b in zip(ref, got) if a != b]
-                    out.append(dict(dtype=dname, batch=batch, heads=heads, sequences=len(prompts),
-                                    mismatched=len(first), first_differences=first))
-                    print(tabulate([out[-1]], headers="keys"), flush=True)
-                    write_json(json_path, dict(setup=setup, rows=rows, decoders=out))
-    return out
+                ref = decode(1).tokens
+                for name in variants:
+                    for heads in (1, 8):
+                        gen = decode(heads, **VARIANTS[name])
+                        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                                 for a, b in zip(ref, gen.tokens) if a != b]
+                        st = gen.stats
+                        step_rows = st.row_forwards - st.sequences  # each prompt's prefill is one row forward
+                        out.append(dict(dtype=dname, batch=batch, variant=name, heads=heads, sequences=len(prompts),
+                                        mismatched=len(first), first_differences=first,
+                                        head2_acceptance=round(st.accepted[0] / step_rows, 3) if heads > 1 else None))
+                        print(tabulate([out[-1]], headers="keys"), flush=True)
+                        save()
+
+
+def audit_steps(base, dtypes, batch, variants, out, save, steps: int = 4) -> None:
+    """Step by step, plain decoding: after a prefill of `batch` prompts, each variant's step
+    against the eager SDPA step from the same state (every step is fed the reference's
+    tokens). A row per (dtype, variant, step): whether the step's tokens agree, the largest
+    logit-free check there is (the step's own KV cache writes: the largest difference of
+    the positions it wrote, and of every position before them, which an earlier step wrote
+    or the prefill did), all layers."""
+    from bytelm.generate import Decoder, cast_for_inference
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (256, 200, 231, 180)[:batch]]
+    lens = torch.tensor([len(p) for p in prompts])
+    for dname in dtypes:
+        model = cast_for_inference(base, getattr(torch, dname))
+        with torch.inference_mode():
+            make = lambda **kw: Decoder(model, heads=1, batch_size=batch, max_len=400, cache_block=2048, **kw)  # noqa: E731
+            ref = make()
+            ref.prefill(list(range(batch)), prompts)
+            for name in variants:
+                dec = make(**VARIANTS[name])
+                dec.prefill(list(range(batch)), prompts)
+                dec.tokens.copy_(ref.tokens)
+                for step in range(-1, steps):
+                    if step >= 0:
+                        length = int(lens.max()) + step + 1
+                        ref.step(batch, length)
+                        dec.step(batch, length)
+                    pos = (lens + step).tolist()  # the position each row wrote last
+                    new = old = 0.0
+                    for a, b in zip(ref._layers(), dec._layers()):
+                        for x, y in ((a.k, b.k), (a.v, b.v)):
+                            for r in range(batch):
+                                p = pos[r] if step >= 0 else pos[r] + 1
+                                d = (x[r, :, : pos[r] + 1].double() - y[r, :, : pos[r] + 1].double()).abs()
+                                old = max(old, d[:, :p].max().item()) if p else old
+                                new = max(new, d[:, p:].max().item()) if step >= 0 else new
+                    same = bool((ref.out[:batch, 0] == dec.out[:batch, 0]).all()) if step >= 0 else None
+                    out.append(dict(dtype=dname, variant=name, step=step if step >= 0 else "prefill", tokens_equal=same,
+                                    cache_err_written_now=new, cache_err_before=old))
+                    print(tabulate([out[-1]], headers="keys", floatfmt=".3g"), flush=True)
+                    save()
+                    if step >= 0:
+                        dec.tokens.copy_(ref.tokens)
 
 
 if __name__ == "__main__":
