@@ -6,7 +6,8 @@ compiled kernel exists on CUDA only.
 
     python benchmarks/flex_check.py --json out.json [--dtypes float32,bfloat16] [--queries 1,8,9]
         [--cache 393,1033] [--batch 4] [--options none,split4] [--no-kernels]
-        [--decoder [--decoder-batches 1,4] [--decoder-layers N] [--decoder-variants V,...] [--steps S]]
+        [--decoder [--decoder-batches 1,4] [--decoder-layers N] [--decoder-variants V,...] [--steps S]
+                   [--runs R] [--checkpoint DIR]]
 
 Prints one row per case with the largest absolute error against the float64 reference and
 the rounding error the same attention has in that dtype through SDPA (`sdpa_err`): a
@@ -22,7 +23,9 @@ of the main study's byte shape (a random model's greedy tokens must also be exac
 variant (VARIANTS: attention kernel, torch.compile, CUDA graphs), plain and with 8 heads,
 against plain greedy decoding with SDPA run eagerly, token for token, per dtype and batch
 size. A row gives the sequences whose tokens differ, the first differing position of each,
-and how often head 2's draft was accepted. `--steps S` first audits S plain steps one at a
+and how often head 2's draft was accepted; `--runs 2` runs each decoder twice, as
+decode-bench does (a warm-up, then the timed run), and compares both runs; `--checkpoint
+DIR` audits a trained model on held-out code prompts instead. `--steps S` first audits S plain steps one at a
 time from the same state as the eager reference: whether each step's tokens agree, and how
 far the KV cache it leaves is from the reference's, at the positions it wrote and before
 them (a write that did not land, or landed elsewhere, shows there).
@@ -72,6 +75,9 @@ def main() -> None:
     ap.add_argument("--decoder-variants", default="flex+compile+graphs", help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=0,
                     help="with --decoder: also audit this many plain steps one by one (tokens and KV-cache writes)")
+    ap.add_argument("--runs", type=int, default=1, help="with --decoder: runs of each decoder, compared one by one")
+    ap.add_argument("--checkpoint", help="with --decoder: audit this trained model on 8 held-out code prompts of "
+                    "256 bytes (its run's validation split) instead of random weights and prompts")
     a = ap.parse_args()
     variants = a.decoder_variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
@@ -122,13 +128,18 @@ def main() -> None:
     if rows:
         print(tabulate(rows, headers="keys", floatfmt=".3g"))
     if a.decoder:
-        setup.update(decoder_layers=a.decoder_layers or "preset")
-        base = decoder_model(dev, a.decoder_layers)
+        if a.checkpoint:
+            base, prompts = checkpoint_model(a.checkpoint, dev)
+            setup.update(checkpoint=a.checkpoint, prompts="code: the run's validation split, 256 bytes each")
+        else:
+            base = decoder_model(dev, a.decoder_layers)
+            prompts = random_prompts(1, (256, 200, 231, 256, 180, 243, 256, 219))
+            setup.update(decoder_layers=a.decoder_layers or "preset", prompts="random bytes")
         if a.steps:
-            audit_steps(base, a.dtypes.split(","), 4, variants, steps, save, a.steps)
+            audit_steps(base, prompts, a.dtypes.split(","), 4, variants, steps, save, a.steps)
             print(tabulate(steps, headers="keys", floatfmt=".3g"))
         if a.decoder_batches:  # "": the step audit alone
-            audit_decoders(base, a.dtypes.split(","), ints(a.decoder_batches), variants, decoders, save)
+            audit_decoders(base, prompts, a.dtypes.split(","), ints(a.decoder_batches), variants, decoders, save, a.runs)
             print(tabulate(decoders, headers="keys"))
 
 
@@ -152,38 +163,57 @@ def decoder_model(dev, layers: int | None):
     return MTPTransformer(ModelConfig(context=1024, **shape)).to(dev).eval()
 
 
-def audit_decoders(base, dtypes, batches, variants, out, save) -> None:
+def checkpoint_model(path: str, dev):
+    """A trained model and 8 code prompts of 256 bytes from its run's validation split, as
+    decode-bench --prompts code chooses them."""
+    from bytelm.checkpoint import load_model
+    from bytelm.decode_bench import documents, select_prompts
+    from bytelm.generate import encode_prompt
+
+    model, tokenizer, cfg = load_model(path, dev)
+    _, docs, _ = documents("code", cfg, None)
+    return model, [encode_prompt(tokenizer, t) for t in select_prompts(docs, 8, 256, False)]
+
+
+def random_prompts(seed: int, lengths) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def audit_decoders(base, prompts, dtypes, batches, variants, out, save, runs: int = 1) -> None:
     """Whole decoders (plain and 8 heads) against eager SDPA plain greedy decoding, token for
-    token: a row per (dtype, batch, variant, heads) with the sequences that differ, the first
-    differing position of each, and the drafts' acceptance (a correct decoder's drafts agree
-    with its verification as often in float32 as in bf16)."""
+    token: a row per (dtype, batch, variant, heads, run) with the sequences that differ, the
+    first differing position of each, and the drafts' acceptance (a correct decoder's
+    drafts agree with its verification as often in float32 as in bf16). Each decoder runs
+    the prompts `runs` times in a row, as decode-bench's warm-up and timed runs do."""
     from bytelm.generate import Decoder, cast_for_inference
 
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (256, 200, 231, 256, 180, 243, 256, 219)]
     for dname in dtypes:
         model = cast_for_inference(base, getattr(torch, dname))
         for batch in batches:
-            def decode(heads, **kw):
-                return Decoder(model, heads=heads, batch_size=batch, max_len=400, cache_block=2048, **kw).run(prompts, 128)
+            def decoder(heads, **kw):
+                return Decoder(model, heads=heads, batch_size=batch, max_len=400, cache_block=2048, **kw)
 
             with torch.inference_mode():
-                ref = decode(1).tokens
+                ref = decoder(1).run(prompts, 128).tokens
                 for name in variants:
-                    for heads in (1, 8):
-                        gen = decode(heads, **VARIANTS[name])
-                        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                                 for a, b in zip(ref, gen.tokens) if a != b]
-                        st = gen.stats
-                        step_rows = st.row_forwards - st.sequences  # each prompt's prefill is one row forward
-                        out.append(dict(dtype=dname, batch=batch, variant=name, heads=heads, sequences=len(prompts),
-                                        mismatched=len(first), first_differences=first,
-                                        head2_acceptance=round(st.accepted[0] / step_rows, 3) if heads > 1 else None))
-                        print(tabulate([out[-1]], headers="keys"), flush=True)
-                        save()
+                    for heads in (1, model.n_future):
+                        dec = decoder(heads, **VARIANTS[name])
+                        for run in range(runs):
+                            gen = dec.run(prompts, 128)
+                            first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                                     for a, b in zip(ref, gen.tokens) if a != b]
+                            st = gen.stats
+                            step_rows = st.row_forwards - st.sequences  # each prompt's prefill is one row forward
+                            out.append(dict(dtype=dname, batch=batch, variant=name, heads=heads, run=run,
+                                            sequences=len(prompts), mismatched=len(first), first_differences=first,
+                                            head2_acceptance=round(st.accepted[0] / step_rows, 3) if heads > 1 else None))
+                            print(tabulate([out[-1]], headers="keys"), flush=True)
+                            save()
+                        del dec
 
 
-def audit_steps(base, dtypes, batch, variants, out, save, steps: int = 4) -> None:
+def audit_steps(base, prompts, dtypes, batch, variants, out, save, steps: int = 4) -> None:
     """Step by step, plain decoding: after a prefill of `batch` prompts, each variant's step
     against the eager SDPA step from the same state (every step is fed the reference's
     tokens). A row per (dtype, variant, step): whether the step's tokens agree, the largest
@@ -192,16 +222,15 @@ def audit_steps(base, dtypes, batch, variants, out, save, steps: int = 4) -> Non
     or the prefill did), all layers."""
     from bytelm.generate import Decoder, cast_for_inference
 
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (256, 200, 231, 180)[:batch]]
+    prompts = prompts[:batch]
     lens = torch.tensor([len(p) for p in prompts])
     for dname in dtypes:
         model = cast_for_inference(base, getattr(torch, dname))
         with torch.inference_mode():
             make = lambda **kw: Decoder(model, heads=1, batch_size=batch, max_len=400, cache_block=2048, **kw)  # noqa: E731
-            ref = make()
-            ref.prefill(list(range(batch)), prompts)
             for name in variants:
+                ref = make()  # a fresh reference per variant: both start from the prefill
+                ref.prefill(list(range(batch)), prompts)
                 dec = make(**VARIANTS[name])
                 dec.prefill(list(range(batch)), prompts)
                 dec.tokens.copy_(ref.tokens)

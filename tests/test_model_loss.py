@@ -149,3 +149,43 @@ def test_flops_and_params_are_consistent():
     assert extra == 3 * 7 * 2 * 50 * 32  # 7 more unembeddings, fwd+bwd
     pc = m8.param_counts()
     assert pc["params"] - pc["params_non_embedding"] == 50 * 32 + 8 * 50 * 32
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_cache_block_mask_reads_the_blocks_create_block_mask_reads():
+    """cache_block_mask (built from the positions) against create_block_mask (the rule
+    evaluated on every query-key pair), at random positions of decoding steps of 1..9
+    queries over caches of 1..7 blocks, block boundaries and clamped positions at the
+    cache's end included: every row reads the same key blocks; each block it calls full is
+    seen whole by every query (create_block_mask calls none full: it counts the padding of
+    the query block as queries that see nothing); each partial one is seen in part; and
+    FlexAttention gives the same attention through both."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from bytelm.model import cache_block_mask
+
+    def blocks(mask, r):
+        """(partial, full) key blocks of row r."""
+        return [set(getattr(mask, idx)[r, 0, 0, : int(getattr(mask, num)[r, 0, 0])].tolist())
+                for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"))]
+
+    g = torch.Generator().manual_seed(0)
+    for T, L, block in ((1, 100, 16), (8, 448, 128), (9, 64, 16), (4, 50, 16), (3, 33, 16)):
+        first = torch.randint(0, L, (12,), generator=g)
+        first[:4] = torch.tensor([block - 1, block - 2, 0, L - 1])  # around a boundary, the start, the end
+        positions = (first[:, None] + torch.arange(T)).clamp_max(L - 1)
+        ours = cache_block_mask(positions, L, block)
+        ref = create_block_mask(lambda b, h, q, kv: kv <= positions[b, q], len(first), None, T, L, device="cpu",
+                                BLOCK_SIZE=block)
+        sees = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (rows, T, L)
+        for r in range(len(first)):
+            partial, full = blocks(ours, r)
+            assert partial | full == set.union(*blocks(ref, r)) and not partial & full, (T, L, r)
+            for j in full:
+                assert sees[r, :, j * block : (j + 1) * block].all() and (j + 1) * block <= L, (T, L, r, j)
+            for j in partial:
+                assert sees[r, :, j * block : (j + 1) * block].any(), (T, L, r, j)
+        assert any(blocks(ours, r)[1] for r in range(len(first)))  # full blocks are found, not only partial ones
+        q = torch.randn(len(first), 2, T, 8, generator=g)
+        k, v = torch.randn(2, len(first), 2, L, 8, generator=g)
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), flex_attention(q, k, v, block_mask=ref))
