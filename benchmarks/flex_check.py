@@ -34,17 +34,29 @@ them (a write that did not land, or landed elsewhere, shows there).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import platform
 from datetime import date
 
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bytelm.config import ModelConfig
 from bytelm.fileio import write_json
-from bytelm.model import MTPTransformer
+from bytelm.model import MTPTransformer, cache_block_mask
+
+
+def create_mask(positions, L):
+    """The rule through create_block_mask (evaluated on the whole padded block grid), as
+    the decoder built it until 2026-11-30."""
+    return create_block_mask(lambda b, h, q, kv: kv <= positions[b, q], positions.shape[0], None,
+                             positions.shape[1], L, device=positions.device)
+
+
+MASKS = {"cache": cache_block_mask, "create": create_mask}
 
 
 def kernel_options(name: str) -> dict | None:
@@ -67,6 +79,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--options", default="none,split4")
+    ap.add_argument("--masks", default="cache", help=f"block masks of the kernel cases: {', '.join(MASKS)}")
+    ap.add_argument("--q-layouts", default="contiguous",
+                    help="query layouts of the kernel cases: contiguous, bthd (the model's: a transposed (B, T, H, hd))")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="check the kernel alone (the cases above; --no-kernels skips them)")
     ap.add_argument("--decoder", action="store_true", help="also audit whole decoders (above)")
@@ -95,8 +110,6 @@ def main() -> None:
         write_json(a.json, dict(setup=setup, rows=rows, decoders=decoders, steps=steps))
 
     for L in ints(a.cache) if a.kernels else []:
-        # the model only lends its rotary tables and its rule for the block mask
-        model = MTPTransformer(ModelConfig(n_layers=1, d_model=H * hd, n_heads=H, vocab_size=258, context=L)).to(dev)
         for T in ints(a.queries):
             g = torch.Generator(device=dev).manual_seed(L * 100 + T)
             q64 = torch.randn(B, H, T, hd, device=dev, dtype=torch.float64, generator=g)
@@ -111,18 +124,19 @@ def main() -> None:
                 dtype = getattr(torch, dname)
                 q, k, v = q64.to(dtype), k64.to(dtype), v64.to(dtype)
                 sdpa_err = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask).double() - ref).abs().max().item()
-                for oname in a.options.split(","):
-                    opts = kernel_options(oname)
+                for oname, mname, layout in itertools.product(a.options.split(","), a.masks.split(","), a.q_layouts.split(",")):
+                    opts, build = kernel_options(oname), MASKS[mname]
+                    # "bthd", the model's layout: (B, T, H, hd) memory seen as (B, H, T, hd)
+                    qq = q.transpose(1, 2).contiguous().transpose(1, 2) if layout == "bthd" else q
 
-                    def attend(q, k, v, positions, opts=opts, T=T, L=L):
-                        bm = model.rope(T, positions, L, flex=True).block_mask
-                        return flex_attention(q, k, v, block_mask=bm, kernel_options=opts)
+                    def attend(q, k, v, positions, opts=opts, build=build, L=L):
+                        return flex_attention(q, k, v, block_mask=build(positions, L), kernel_options=opts)
 
                     torch._dynamo.reset()
-                    out = torch.compile(attend, dynamic=False)(q, k, v, positions)
+                    out = torch.compile(attend, dynamic=False)(qq, k, v, positions)
                     err = (out.double() - ref).abs().max().item()
-                    rows.append(dict(dtype=dname, queries=T, cache=L, options=oname, flex_err=err, sdpa_err=sdpa_err,
-                                     ratio=err / max(sdpa_err, 1e-12)))
+                    rows.append(dict(dtype=dname, queries=T, cache=L, options=oname, mask=mname, q_layout=layout,
+                                     flex_err=err, sdpa_err=sdpa_err, ratio=err / max(sdpa_err, 1e-12)))
                     print(tabulate([rows[-1]], headers="keys", floatfmt=".3g"), flush=True)
                     save()
     if rows:
@@ -146,11 +160,32 @@ def main() -> None:
 VARIANTS = {  # name -> Decoder options; the reference is eager SDPA without graphs
     "flex": dict(attention="flex"),  # FlexAttention's unfused reference, eagerly (runs on a CPU too)
     "flex+compile+graphs": dict(attention="flex", compile=True, cuda_graphs=True),
+    # the same with the decoder's block mask through create_block_mask, or with the queries
+    # made contiguous before FlexAttention (patched into bytelm.model for the variant's runs)
+    "flex+compile+graphs+create_mask": dict(attention="flex", compile=True, cuda_graphs=True),
+    "flex+compile+graphs+q_contiguous": dict(attention="flex", compile=True, cuda_graphs=True),
     "flex+compile": dict(attention="flex", compile=True),
     "flex+graphs": dict(attention="flex", cuda_graphs=True),
     "auto+compile+graphs": dict(attention="auto", compile=True, cuda_graphs=True),
     "auto+compile": dict(attention="auto", compile=True),
 }
+
+
+@contextlib.contextmanager
+def patched(variant: str):
+    """bytelm.model as the variant has it (VARIANTS: the +create_mask and +q_contiguous
+    diagnostics); dynamo reads the patched globals when it compiles the variant's steps."""
+    import bytelm.model as m
+
+    saved = m.cache_block_mask, m.flex_attention
+    if variant.endswith("+create_mask"):
+        m.cache_block_mask = create_mask
+    if variant.endswith("+q_contiguous"):
+        m.flex_attention = lambda q, *args, **kw: flex_attention(q.contiguous(), *args, **kw)
+    try:
+        yield
+    finally:
+        m.cache_block_mask, m.flex_attention = saved
 
 
 def decoder_model(dev, layers: int | None):
@@ -200,7 +235,8 @@ def audit_decoders(base, prompts, dtypes, batches, variants, out, save, runs: in
                     for heads in (1, model.n_future):
                         dec = decoder(heads, **VARIANTS[name])
                         for run in range(runs):
-                            gen = dec.run(prompts, 128)
+                            with patched(name):
+                                gen = dec.run(prompts, 128)
                             first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                                      for a, b in zip(ref, gen.tokens) if a != b]
                             st = gen.stats
@@ -238,7 +274,8 @@ def audit_steps(base, prompts, dtypes, batch, variants, out, save, steps: int = 
                     if step >= 0:
                         length = int(lens.max()) + step + 1
                         ref.step(batch, length)
-                        dec.step(batch, length)
+                        with patched(name):
+                            dec.step(batch, length)
                     pos = (lens + step).tolist()  # the position each row wrote last
                     new = old = 0.0
                     for a, b in zip(ref._layers(), dec._layers()):

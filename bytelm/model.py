@@ -103,8 +103,10 @@ def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) 
     def sees(b, h, q, kv):
         return kv <= positions[b, q]
 
-    def per_row(t):  # (B, ...) -> (B, heads 1, query blocks 1, ...), int32
-        return t.to(torch.int32).view(B, 1, 1, *t.shape[1:])
+    def per_row(t):  # (B, ...) -> (B, heads 1, query blocks 1, ...), int32, materialised: the
+        # compiled kernel reads these with contiguous strides (an expanded view made it read
+        # out of bounds, 2026-11-30)
+        return t.to(torch.int32).contiguous().view(B, 1, 1, *t.shape[1:])
 
     return BlockMask.from_kv_blocks(per_row(seen - full), per_row(partial_idx), per_row(full),
                                     per_row(blocks.expand(B, n)), block, sees, seq_lengths=(T, cache_len),
