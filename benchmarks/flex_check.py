@@ -160,10 +160,9 @@ def main() -> None:
 VARIANTS = {  # name -> Decoder options; the reference is eager SDPA without graphs
     "flex": dict(attention="flex"),  # FlexAttention's unfused reference, eagerly (runs on a CPU too)
     "flex+compile+graphs": dict(attention="flex", compile=True, cuda_graphs=True),
-    # the same with the decoder's block mask through create_block_mask, or with the queries
-    # made contiguous before FlexAttention (patched into bytelm.model for the variant's runs)
+    # the same with the decoder's block mask through create_block_mask (patched into
+    # bytelm.model for the variant's runs)
     "flex+compile+graphs+create_mask": dict(attention="flex", compile=True, cuda_graphs=True),
-    "flex+compile+graphs+q_contiguous": dict(attention="flex", compile=True, cuda_graphs=True),
     "flex+compile": dict(attention="flex", compile=True),
     "flex+graphs": dict(attention="flex", cuda_graphs=True),
     "auto+compile+graphs": dict(attention="auto", compile=True, cuda_graphs=True),
@@ -173,19 +172,17 @@ VARIANTS = {  # name -> Decoder options; the reference is eager SDPA without gra
 
 @contextlib.contextmanager
 def patched(variant: str):
-    """bytelm.model as the variant has it (VARIANTS: the +create_mask and +q_contiguous
-    diagnostics); dynamo reads the patched globals when it compiles the variant's steps."""
+    """bytelm.model as the variant has it (VARIANTS: +create_mask); dynamo reads the
+    patched global when it compiles the variant's steps."""
     import bytelm.model as m
 
-    saved = m.cache_block_mask, m.flex_attention
+    saved = m.cache_block_mask
     if variant.endswith("+create_mask"):
         m.cache_block_mask = create_mask
-    if variant.endswith("+q_contiguous"):
-        m.flex_attention = lambda q, *args, **kw: flex_attention(q.contiguous(), *args, **kw)
     try:
         yield
     finally:
-        m.cache_block_mask, m.flex_attention = saved
+        m.cache_block_mask = saved
 
 
 def decoder_model(dev, layers: int | None):

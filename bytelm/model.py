@@ -113,6 +113,26 @@ def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) 
                                     compute_q_blocks=False)
 
 
+@torch.library.custom_op("bytelm::materialise", mutates_args=())
+def materialise(x: torch.Tensor) -> torch.Tensor:
+    """x copied into a new contiguous tensor by an operator torch.compile does not look into.
+
+    FlexAttention's decoding kernel for queries of several positions, under torch 2.11's
+    Inductor, read a query that the rotary kernel before it had laid out as (B, T, H, hd)
+    with the strides of a contiguous (B, H, T, hd) one: every verify step attended with the
+    wrong queries (float32 on an H200: 8 of 8 sequences differed from plain decoding,
+    benchmarks/flex_check.py, 2026-11-30). Neither `.contiguous()` nor `.clone()` helps:
+    Inductor treats them as layout-free. An operator's output has the fixed layout its fake
+    implementation declares, so the kernel's strides are the query's. One position (T = 1)
+    is read correctly either way (the head stride is hd in both layouts), and skips this."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+
+
+@materialise.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 class KVCache(nn.Module):
     """A static, preallocated cache of one attention layer: (B, H_kv, L, hd) keys and values.
 
@@ -159,6 +179,8 @@ class Attention(nn.Module):
             k_all, v_all = cache.write(k, v, rope.positions)
             k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
             if rope.block_mask is not None:
+                if T > 1:
+                    q = materialise(q)
                 y = flex_attention(q, k_all, v_all, block_mask=rope.block_mask, enable_gqa=gqa,
                                    kernel_options=rope.flex_options)
             else:

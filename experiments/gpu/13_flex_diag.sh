@@ -8,7 +8,7 @@
 #   (cache_block_mask), queries contiguous or in the model's (B, T, H, hd) layout;
 #   then one layer's compiled steps (plain and 8-query) with Inductor's code logged.
 # GPU 0: whole 16-layer decoders, plain and 8 heads, flex compiled and graphed: as is, with
-#   create_block_mask's mask, with the queries made contiguous; SDPA (auto) beside them.
+#   create_block_mask's mask; SDPA (auto) beside them.
 source experiments/gpu/env.sh
 D=$OUT/flex_diag
 mkdir -p $D
@@ -19,7 +19,7 @@ FC="timeout $(left) python3 benchmarks/flex_check.py"
   TORCH_LOGS=output_code $FC --no-kernels --decoder --decoder-layers 1 --decoder-batches 4 --dtypes float32 \
     --decoder-variants flex+compile+graphs --json $D/code_l1.json > $D/code_l1.log 2>&1 ) &
 CUDA_VISIBLE_DEVICES=0 $FC --no-kernels --decoder --decoder-batches 4 --dtypes float32 \
-  --decoder-variants flex+compile+graphs,flex+compile+graphs+create_mask,flex+compile+graphs+q_contiguous,auto+compile+graphs \
+  --decoder-variants flex+compile+graphs,flex+compile+graphs+create_mask,auto+compile+graphs \
   --json $D/decoders.json > $D/decoders.log 2>&1
 wait
 ls -la $D
