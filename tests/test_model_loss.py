@@ -189,3 +189,16 @@ def test_the_cache_block_mask_reads_the_blocks_create_block_mask_reads():
         q = torch.randn(len(first), 2, T, 8, generator=g)
         k, v = torch.randn(2, len(first), 2, L, 8, generator=g)
         torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), flex_attention(q, k, v, block_mask=ref))
+
+
+def test_materialise_copies_into_a_contiguous_tensor_under_torch_compile():
+    """model.materialise (the query copy of multi-position flex steps): a new contiguous
+    tensor equal to its input, eagerly and inside a compiled graph whose producer kernel
+    writes a transposed layout (the case Inductor got wrong for FlexAttention)."""
+    from bytelm.model import materialise
+
+    x = torch.randn(2, 8, 3, 4).transpose(1, 2)  # (B, H, T, hd) view of (B, T, H, hd) memory
+    y = materialise(x)
+    assert torch.equal(y, x) and y.is_contiguous() and y.data_ptr() != x.data_ptr()
+    z = torch.compile(lambda t: materialise(t * 2) + 1, dynamic=False)(x)
+    assert torch.equal(z, x * 2 + 1) and z.is_contiguous()
