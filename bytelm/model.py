@@ -84,13 +84,15 @@ def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) 
     positions[b, q]" over `cache_len` keys, for a query block of up to `block` positions
     per row whose positions do not decrease along q (a decoding step's).
 
-    Built from the positions directly: with k <= p_first <= p_last the row's first and
-    last query positions, key block j (keys block*j .. block*(j+1)-1) is full, every query
+    Built from the positions directly: with p_first <= p_last the row's first and last
+    query positions, key block j (keys block*j .. block*(j+1)-1) is full, every query
     reading every key, when block*(j+1)-1 <= p_first; partial, the rule applied key by key,
-    up to the block holding p_last; skipped after it. `create_block_mask` would find the
-    same blocks by evaluating the rule on every (query, key) pair of the padded
+    up to the block holding p_last; skipped after it. `create_block_mask` finds the same
+    blocks to read by evaluating the rule on every (query, key) pair of the padded
     block × cache grid, a reduction that took 107 µs of a 0.8 ms batch-16 step on an H200
-    (docs/decoding.md). Equal block structure: tests/test_model_loss.py."""
+    (docs/benchmarks.md). It calls no block full when T < block, counting the query
+    block's padding as queries that see nothing; here the padding's outputs are discarded,
+    so full blocks skip the rule. Checked against it: tests/test_model_loss.py."""
     B, T = positions.shape
     if T > block:
         raise ValueError(f"cache_block_mask covers one query block of at most {block} positions, got {T}")
@@ -121,8 +123,8 @@ def materialise(x: torch.Tensor) -> torch.Tensor:
     Inductor, read a query that the rotary kernel before it had laid out as (B, T, H, hd)
     with the strides of a contiguous (B, H, T, hd) one: every verify step attended with the
     wrong queries (float32 on an H200: 8 of 8 sequences differed from plain decoding,
-    benchmarks/flex_check.py, 2026-11-30). Neither `.contiguous()` nor `.clone()` helps:
-    Inductor treats them as layout-free. An operator's output has the fixed layout its fake
+    benchmarks/flex_check.py, 2026-11-30). `.contiguous()` did not help: Inductor treats
+    it as layout-free. An operator's output has the fixed layout its fake
     implementation declares, so the kernel's strides are the query's. One position (T = 1)
     is read correctly either way (the head stride is hd in both layouts), and skips this."""
     return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
