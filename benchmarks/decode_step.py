@@ -3,10 +3,11 @@ verify step (k positions), with the engine's own step (bytelm.generate.Decoder).
 
     python benchmarks/decode_step.py --json out.json [--preset bytes-100m|bytes-30m|tokens-135m|cpu]
         [--batch-sizes 1,16] [--heads 1,2,4,8] [--cache 1024] [--dtype bfloat16]
-        [--modes eager,graphs,compile] [--attention auto,flex] [--flex-split-kv 0,2,4] [--profile]
+        [--modes eager,graphs,compile] [--attention auto,flex] [--flex-split-kv 0,2,4] [--fill 0.5] [--profile]
 
 A randomly initialised model of the preset's shape (a step's cost does not depend on the
-weights); every slot's cache is filled to half its length by a prefill, then the step is
+weights); every slot's cache is filled to --fill of its length (half by default) by a
+prefill, then the step is
 timed with CUDA events over chunks of 16 steps (positions reset between chunks): `gpu_ms`
 is the step alone, `with_readback_ms` adds reading its (b, k+1) outputs back to the host,
 as `Decoder.run` does after every step. `ratio` is the verify step's cost over the plain
@@ -93,6 +94,10 @@ def main() -> None:
                     help="attention of the step, comma-separated (bytelm.generate.ATTENTION_BACKENDS)")
     ap.add_argument("--flex-split-kv", default="0",
                     help="with flex: FlexAttention decoding-kernel split counts to try, comma-separated (0: PyTorch's choice)")
+    ap.add_argument("--fill", type=float, default=0.5,
+                    help="where each row's position starts, as a share of the cache (FlexAttention skips the key "
+                         "blocks past a row's position, so its step costs more the fuller the cache; a boolean-mask "
+                         "step reads the whole cache whatever the fill)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
@@ -103,7 +108,10 @@ def main() -> None:
     batches = [int(x) for x in args.batch_sizes.split(",")]
     heads = [int(x) for x in args.heads.split(",")]
     modes = args.modes.split(",")
-    start = args.cache // 2
+    start = int(args.cache * args.fill)
+    if not 0 < start or start + CHUNK * max(heads) + max(heads) > args.cache:
+        raise SystemExit(f"decode_step: --fill {args.fill} leaves no room for {CHUNK} steps of {max(heads)} positions "
+                         f"in a {args.cache}-position cache")
     rows, profiles = [], {}
     with torch.inference_mode():
         splits = [int(x) for x in args.flex_split_kv.split(",")]
