@@ -218,6 +218,7 @@ def audit_decoders(base, prompts, dtypes, batches, variants, out, save, runs: in
     first differing position of each, and the drafts' acceptance (a correct decoder's
     drafts agree with its verification as often in float32 as in bf16). Each decoder runs
     the prompts `runs` times in a row, as decode-bench's warm-up and timed runs do."""
+    from bytelm.decode_bench import first_difference
     from bytelm.generate import Decoder, cast_for_inference
 
     for dname in dtypes:
@@ -234,8 +235,7 @@ def audit_decoders(base, prompts, dtypes, batches, variants, out, save, runs: in
                         for run in range(runs):
                             with patched(name):
                                 gen = dec.run(prompts, 128)
-                            first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                                     for a, b in zip(ref, gen.tokens) if a != b]
+                            first = [first_difference(a, b) for a, b in zip(ref, gen.tokens) if a != b]
                             st = gen.stats
                             step_rows = st.row_forwards - st.sequences  # each prompt's prefill is one row forward
                             out.append(dict(dtype=dname, batch=batch, variant=name, heads=heads, run=run,
