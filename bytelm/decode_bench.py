@@ -76,7 +76,7 @@ def add_arguments(p) -> None:
                         "(default 0: PyTorch's choice, a single part once batch x heads exceeds the GPU's SMs)")
     p.add_argument("--refill-min", type=int, default=0,
                    help="with more prompts than the batch: refill finished slots only once this many are free, "
-                        "one prefill for the group (default 0: the decoder's, a quarter of the batch on a GPU, 1 on a CPU)")
+                        "one prefill for the group (default 0: the decoder's, an eighth of the batch on a GPU, 1 on a CPU)")
     p.add_argument("--cache-block", type=int, default=CACHE_BLOCK,
                    help=f"a step reads the cache in blocks of this many positions (default {CACHE_BLOCK}); "
                         "with --compile a coarser block means fewer compilations")

@@ -320,10 +320,11 @@ class Decoder:
             raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
         self.model, self.k, self.B, self.sampling = model, heads, batch_size, sampling
         # On a GPU a prefill costs several graphed steps even when it is captured itself,
-        # so finished slots wait (idle, their step rows wasted) until a quarter of the batch
+        # so finished slots wait (idle, their step rows wasted) until an eighth of the batch
         # can be refilled at once; on a CPU a prefill costs what its tokens cost: refill at
-        # once. Which is faster on a GPU depends on the model (decode-bench --refill-min).
-        self.refill_min = refill_min or (max(1, batch_size // 4) if p.device.type == "cuda" else 1)
+        # once. An eighth (2 slots at batch 16) was the fastest of 1, 2 and 4 for the 30M
+        # byte model with 8 heads on an H200 (docs/decoding.md); decode-bench --refill-min.
+        self.refill_min = refill_min or (max(1, batch_size // 8) if p.device.type == "cuda" else 1)
         self.L = min(max_len or model.cfg.context, model.cfg.context)
         self.device, V = p.device, model.cfg.vocab_size
         prob_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from bytelm.config import load_config
-from bytelm.decode_bench import heads_to_run, select_prompts
+from bytelm.config import ModelConfig, load_config
+from bytelm.decode_bench import heads_to_run, select_prompts, timed_runs
 from bytelm.errors import UserError
+from bytelm.generate import Decoder
+from bytelm.model import MTPTransformer
+from bytelm.tokenizers import ByteTokenizer
 from bytelm.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,3 +143,28 @@ def test_more_prompts_than_documents_take_their_later_windows():
     # a window that starts or ends inside a character keeps the whole characters only
     assert select_prompts([("é" * 10).encode()], 3, 7, keep_short=False) == [("é" * 3).encode()] * 2
     assert select_prompts([b"x" * 3], 2, 7, keep_short=False) == []
+
+
+@pytest.mark.parametrize("repeats", [1, 3, 4])
+def test_timed_runs_returns_the_median_run_whole(repeats):
+    """The row's wall time and its statistics come from one run, the median one (the lower
+    middle of an even number), not the median wall beside another run's counters. The
+    real runs' wall times are overwritten with a known order (the first timed run the
+    slowest but one) so that the median run is a known one."""
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(n_layers=2, d_model=32, n_heads=4, context=64, vocab_size=258, n_future=2)).eval()
+    decoder = Decoder(model, heads=2, batch_size=2, max_len=48)
+    walls = iter([0.5, 30.0, 10.0, 20.0, 40.0])  # the warm-up, then the timed runs
+    runs = []
+    real_run = decoder.run
+
+    def run_with_known_wall(*args, **kwargs):
+        gen = real_run(*args, **kwargs)
+        gen.stats.wall_s = next(walls)
+        runs.append(gen)
+        return gen
+
+    decoder.run = run_with_known_wall
+    gen = timed_runs(decoder, [[257, 97, 98], [257, 99]], 12, ByteTokenizer(), repeats)
+    assert len(runs) == 1 + repeats
+    assert gen is runs[1 if repeats == 1 else 3]  # the timed walls: 30 | 30 10 20 | 30 10 20 40
