@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from bytelm.config import ModelConfig, load_config
-from bytelm.decode_bench import heads_to_run, select_prompts, timed_runs
+from bytelm.decode_bench import explain_mismatch, heads_to_run, select_prompts, timed_runs
 from bytelm.errors import UserError
 from bytelm.generate import Decoder
 from bytelm.model import MTPTransformer
@@ -68,6 +68,7 @@ def test_bench_writes_rows_and_logs_to_mlflow(run_dir):
         assert ROW_FIELDS <= set(r)
         assert r["sequences"] == 4
         assert r["mismatched_sequences"] == 0  # float32 on CPU: exactly plain greedy
+        assert r["mismatches"] == [] and r["largest_mismatch_gap"] is None
         assert len(r["acceptance_by_depth"]) == r["heads_used"] - 1
         assert 1.0 <= r["tokens_per_forward"] <= r["heads_used"]
         assert r["bytes_per_forward"] == pytest.approx(r["tokens_per_forward"], rel=0.1)  # a byte model
@@ -168,3 +169,23 @@ def test_timed_runs_returns_the_median_run_whole(repeats):
     gen = timed_runs(decoder, [[257, 97, 98], [257, 99]], 12, ByteTokenizer(), repeats)
     assert len(runs) == 1 + repeats
     assert gen is runs[1 if repeats == 1 else 3]  # the timed walls: 30 | 30 10 20 | 30 10 20 40
+
+
+@torch.no_grad()
+def test_explain_mismatch_gives_the_first_difference_and_head_1s_gap():
+    """A completion that takes head 1's second choice at position 3 is explained there: both
+    tokens, the top-2 gap of a no-cache forward, and its own token's gap equal to it."""
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(n_layers=2, d_model=32, n_heads=4, context=64, vocab_size=258, n_future=2)).double().eval()
+    prompt, plain = [257, 97, 98], []
+    for _ in range(6):
+        plain.append(int(model(torch.tensor([prompt + plain]), n_heads=1)[0, -1, 0].argmax()))
+    logits = model(torch.tensor([prompt + plain[:3]]), n_heads=1)[0, -1, 0]
+    top = logits.topk(2)
+    spec = plain[:3] + [int(top.indices[1])] + plain[4:]
+    out = explain_mismatch(model, prompt, plain, spec)
+    assert out["first_difference"] == 3 and out["plain_token"] == plain[3] and out["speculative_token"] == spec[3]
+    assert out["top2_logit_gap"] == pytest.approx(float(top.values[0] - top.values[1])) and out["top2_logit_gap"] > 0
+    assert out["speculative_token_gap"] == pytest.approx(out["top2_logit_gap"])
+    # a completion that stops early differs only in length: no logits to explain
+    assert explain_mismatch(model, prompt, plain, plain[:4]) == {"first_difference": 4, "plain_length": 6, "speculative_length": 4}
