@@ -172,14 +172,13 @@ def select_prompts(docs: list[bytes], n: int, length: int | None, keep_short: bo
 # ----------------------------------------------------------------------------- measuring
 
 
-@torch.inference_mode()
 def first_difference(a: list[int], b: list[int]) -> int:
     """The first index where two token lists differ (the shorter's length if one is a
     prefix of the other)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def explain_mismatch(model: MTPTransformer, prompt: list[int], plain: list[int], spec: list[int]) -> dict:
     """Where a speculative completion first leaves the plain one, and head 1's logits
     there (computed without a cache): a gap near the dtype's rounding is a tie."""
