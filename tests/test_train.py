@@ -15,6 +15,7 @@ from bytelm import checkpoint as ckpt
 from bytelm.config import load_config
 from bytelm.errors import UserError
 from bytelm.model import MTPTransformer
+from bytelm.tracking import read_jsonl
 from bytelm.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ def cfg_for(smoke_data, *overrides):
 
 
 def losses(run_dir):
-    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    # read_jsonl drops a line cut off mid-append: the test polls a file a trainer is writing
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
