@@ -106,8 +106,8 @@ def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) 
         return kv <= positions[b, q]
 
     def per_row(t):  # (B, ...) -> (B, heads 1, query blocks 1, ...), int32, materialised: the
-        # compiled kernel reads these with contiguous strides (an expanded view made it read
-        # out of bounds, 2026-11-30)
+        # compiled kernel reads these with contiguous strides, so an expanded view would be
+        # read out of bounds
         return t.to(torch.int32).contiguous().view(B, 1, 1, *t.shape[1:])
 
     return BlockMask.from_kv_blocks(per_row(seen - full), per_row(partial_idx), per_row(full),
@@ -120,13 +120,13 @@ def materialise(x: torch.Tensor) -> torch.Tensor:
     """x copied into a new contiguous tensor by an operator torch.compile does not look into.
 
     FlexAttention's decoding kernel for queries of several positions, under torch 2.11's
-    Inductor, read a query that the rotary kernel before it had laid out as (B, T, H, hd)
-    with the strides of a contiguous (B, H, T, hd) one: every verify step attended with the
-    wrong queries (float32 on an H200: 8 of 8 sequences differed from plain decoding,
-    benchmarks/flex_check.py, 2026-11-30). `.contiguous()` did not help: Inductor treats
-    it as layout-free. An operator's output has the fixed layout its fake
-    implementation declares, so the kernel's strides are the query's. One position (T = 1)
-    is read correctly either way (the head stride is hd in both layouts), and skips this."""
+    Inductor, reads a query that the rotary kernel before it laid out as (B, T, H, hd)
+    with the strides of a contiguous (B, H, T, hd) one, so a verify step would attend with
+    the wrong queries (benchmarks/flex_check.py checks this case). `.contiguous()` does not
+    help: Inductor treats it as layout-free. An operator's output has the fixed layout its
+    fake implementation declares, so the kernel's strides are the query's. One position
+    (T = 1) is read correctly either way (the head stride is hd in both layouts), and skips
+    this."""
     return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
 
 
