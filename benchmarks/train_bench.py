@@ -23,7 +23,7 @@ import torch
 
 from bytelm.config import load_config
 from bytelm.model import MTPTransformer
-from bytelm.train import autocast_for, compile_model, make_optimizer, optimizer_step, peak_flops
+from bytelm.train import StepSetup, autocast_for, compile_model, make_optimizer, optimizer_step, peak_flops
 
 BYTE_100M = ["model.n_layers=14", "model.d_model=768", "model.n_heads=12", "model.vocab_size=258", "model.head_type=unembed"]
 TOKEN_135M = ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.vocab_size=32768", "model.head_type=transformer"]
@@ -66,8 +66,10 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
     y = torch.randint(0, m.vocab_size, (t.batch_size, m.context, m.n_future))
     micro = t.micro_batch_size or t.batch_size
 
+    setup = StepSetup(model, optimizer, weights, micro, t.loss_mode, t.grad_clip, autocast, compiled=compiled)
+
     def step():
-        return optimizer_step(model, optimizer, x, y, weights, micro, t.loss_mode, t.grad_clip, autocast, compiled=compiled)
+        return optimizer_step(setup, x, y)
 
     t0 = time.time()
     for _ in range(warmup):

@@ -28,6 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -213,33 +214,52 @@ def open_data(cfg: RunConfig) -> tuple[ShardDataset, ShardDataset]:
     return ShardDataset(root / "train"), ShardDataset(root / "val")
 
 
-def optimizer_step(model, optimizer, x_all, y_all, weights, micro, loss_mode, grad_clip, autocast, world=1, compiled=False,
-                   sharded=False):
+@dataclass
+class StepSetup:
+    """What an optimizer step uses besides the batch, fixed for the whole run.
+
+    `micro`: sequences per micro-batch (the batch is accumulated over them); `autocast`:
+    a context-manager factory (autocast_for), or None for float32; `world`: data-parallel
+    processes; `sharded`: the model is FSDP's, which reduce-scatters the gradients itself
+    (into sharded DTensor gradients, whose norm is the whole model's)."""
+
+    model: MTPTransformer
+    optimizer: torch.optim.Optimizer
+    weights: list[float]
+    micro: int
+    loss_mode: str
+    grad_clip: float
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+    world: int = 1
+    compiled: bool = False
+    sharded: bool = False
+
+
+def optimizer_step(s: StepSetup, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[float, list[float], float]:
     """One optimizer step over this rank's share of the global batch, in micro-batches
-    of `micro` sequences. Returns (loss, per-head losses, gradient norm before clipping).
-    A non-finite gradient skips the update (the caller stops the run). `sharded`: the
-    model is FSDP's, which reduce-scatters the gradients itself (into sharded DTensor
-    gradients, whose norm is the whole model's)."""
-    accum = len(x_all) // micro
-    device = next(model.parameters()).device
+    of `s.micro` sequences. Returns (loss, per-head losses, gradient norm before clipping).
+    A non-finite gradient skips the update (the caller stops the run)."""
+    accum = len(x_all) // s.micro
+    device = next(s.model.parameters()).device
     losses = []
     for a in range(accum):
-        x = x_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
-        y = y_all[a * micro : (a + 1) * micro].to(device, non_blocking=True)
-        losses.append(loss_and_backward(model, x, y, weights, loss_mode, 1.0 / accum, autocast() if autocast else None, compiled))
-    if world > 1 and not sharded:
-        all_reduce_grads(model, world)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        x = x_all[a * s.micro : (a + 1) * s.micro].to(device, non_blocking=True)
+        y = y_all[a * s.micro : (a + 1) * s.micro].to(device, non_blocking=True)
+        losses.append(loss_and_backward(s.model, x, y, s.weights, s.loss_mode, 1.0 / accum,
+                                        s.autocast() if s.autocast else None, s.compiled))
+    if s.world > 1 and not s.sharded:
+        all_reduce_grads(s.model, s.world)
+    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
     grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a DTensor under FSDP
     total = sum(l.total for l in losses) / accum
-    per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(weights))]
-    if world > 1:  # the logged loss is that of the global batch, not of this rank's share
+    per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(s.weights))]
+    if s.world > 1:  # the logged loss is that of the global batch, not of this rank's share
         both = torch.tensor([total, *per_head], dtype=torch.float64, device=device)
         dist.all_reduce(both)
-        total, *per_head = (both / world).tolist()
+        total, *per_head = (both / s.world).tolist()
     if math.isfinite(total) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
     return total, per_head, grad_norm
 
 
@@ -317,6 +337,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
         state.update(ckpt.read_state(start[-1]))
         state.pop("tokenizer", None)
     autocast = autocast_for(cfg, device)
+    step_setup = StepSetup(model, optimizer, weights, micro, t.loss_mode, t.grad_clip, autocast, d.world, compiled, fsdp)
 
     counts = model.param_counts()
     flops_tok = model.flops_per_token(m.context)
@@ -361,8 +382,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
         while state["step"] < t.steps:
             step = state["step"]
             x_all, y_all = train_ds.batch(step, m.context, m.n_future, t.batch_size, t.seed, d.rank, d.world)
-            total, per_head, grad_norm = optimizer_step(model, optimizer, x_all, y_all, weights, micro, t.loss_mode,
-                                                        t.grad_clip, autocast, d.world, compiled, sharded=fsdp)
+            total, per_head, grad_norm = optimizer_step(step_setup, x_all, y_all)
             if not math.isfinite(total) or not math.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite loss ({total}) or gradient norm ({grad_norm}) at step {step}")
             scheduler.step()
