@@ -5,7 +5,7 @@
 #   bash scripts/gpu_machine.sh [--wheels DIR] [--time-limit S] [--out DIR] [--pack DIR]... -- COMMAND [ARG]...
 #
 # 1. Installs the dependencies of pyproject.toml that the machine's Python lacks into
-#    .gpu-site/ beside the repository, never torch: from the wheels in DIR (--wheels, default
+#    .gpu-site/ beside the repository ($GPU_SITE), never torch: from the wheels in DIR (--wheels, default
 #    .whl/ when it exists; for a machine without internet) or else from the package index.
 #    A dependency still missing is named; without mlflow, pass --no-mlflow to the command.
 # 2. Runs COMMAND with this checkout on the path (`bytelm ...` is this checkout's bytelm),
@@ -33,7 +33,7 @@ done
 [ $# -gt 0 ] || usage
 "$PY" -c "import torch" 2>/dev/null || { echo "gpu_machine.sh: $PY has no torch; this script uses the machine's own build" >&2; exit 2; }
 
-SITE=$PWD/.gpu-site
+SITE=${GPU_SITE:-$PWD/.gpu-site}  # where the missing dependencies go
 missing() {  # the requirements of pyproject.toml that $PY does not satisfy, one a line
   PYTHONPATH=$SITE "$PY" - <<'PY'
 import importlib.metadata as md, tomllib
