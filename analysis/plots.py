@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.paper_numbers import TABLE_S3, TASK_TITLES, TASKS  # noqa: E402
 from analysis.runs import pass_metrics, spec_metrics  # noqa: E402
+from bytelm.fileio import atomic_path  # noqa: E402
 
 VOCAB_TITLES = {"bytes": "bytes", "bpe": "BPE"}
 
@@ -29,7 +30,8 @@ def config_label(name: str) -> str:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # kill -9 mid-draw leaves no 0-byte PNG
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -4,12 +4,15 @@ Each subcommand lives in its own module, which provides `add_arguments(parser)` 
 `main(args) -> int | None`. Modules are imported only when their subcommand runs, so
 `bytelm --help` is instant and does not import torch.
 
-A `UserError` (bad input) becomes one line on stderr and exit code 2; no traceback.
+A `UserError` (bad input) becomes one line on stderr and exit code 2; no traceback. So does
+an OSError about a path the user gave or a disk the user owns (full, read-only, not
+writable, not a folder): one line naming the path, exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -20,6 +23,10 @@ from bytelm.errors import UserError
 # When this process began the command, before importing torch: a time limit
 # (train.time_limit_s) counts from here, startup and compilation included.
 STARTED = time.time()
+
+# OSErrors that are the user's file system's state, not a bug: reported in one line
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENOENT, errno.EFBIG, errno.ENAMETOOLONG, errno.EIO}
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"bytelm {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        where += f" -> {e.filename2}" if e.filename2 else ""
+        print(f"bytelm {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"bytelm {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -157,9 +157,11 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
     if not p.is_file():
         raise UserError(f"{what} {p} not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{what} {p} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{what} {p} must hold a mapping at the top level")
     return raw

@@ -43,7 +43,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from bytelm.errors import UserError
-from bytelm.fileio import write_json
+from bytelm.fileio import check_output, write_json
 from bytelm.generate import (ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generation, cache_length, cast_for_inference,
                              encode_prompt)
 from bytelm.model import MTPTransformer
@@ -365,6 +365,9 @@ def main(args) -> int:
     if unknown or not attention:
         raise UserError(f"--attention takes a comma-separated list of {', '.join(ATTENTION_BACKENDS)}; got {args.attention!r}")
 
+    inputs = [args.checkpoint] + ([args.prompts] if args.prompts and Path(args.prompts).exists() else [])
+    if args.json:  # refused before the benchmark, not after it
+        check_output(args.json, inputs=inputs)
     model, tokenizer, cfg = load_model(args.checkpoint, device)
     step = checkpoint_step(args.checkpoint)  # the training step benchmarked
     context = cfg.model.context
@@ -408,7 +411,7 @@ def main(args) -> int:
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},
     }
-    write_json(out, {"setup": setup, "rows": rows})
+    write_json(out, {"setup": setup, "rows": rows}, inputs=inputs)
     print(f"wrote {out}")
     log_to_run(run_dir, metrics_of(rows, name), [out], step=step)
     return 0

@@ -85,7 +85,7 @@ class ShardWriter:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> ShardWriter:
-        self._dir = self._stack.enter_context(atomic_path(self.out_dir))
+        self._dir = self._stack.enter_context(atomic_path(self.out_dir, marker="meta.json"))
         self._dir.mkdir()
         return self
 

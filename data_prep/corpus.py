@@ -169,7 +169,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0) -> dict:
         _init_worker(index)
     progress = tqdm(desc="corpus", unit="B", unit_scale=True, disable=None)
     try:
-        with atomic_path(out / "corpus") as tmp:
+        with atomic_path(out / "corpus", marker="train/meta.json") as tmp:
             tmp.mkdir()
             writer_meta = {"source": "bytelm prepare (corpus)"}
             with (

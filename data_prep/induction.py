@@ -362,7 +362,7 @@ def build_induction(out: Path, opts: InductionOptions) -> dict:
 
     # Pass 4 (one per copy): training and validation stories with random names.
     meta = {"source": "bytelm synth induction"}
-    with atomic_path(out / "corpus") as tmp:
+    with atomic_path(out / "corpus", marker="train/meta.json") as tmp:
         tmp.mkdir()
         with (ShardWriter(tmp / "train", "uint8", None, meta, format=CORPUS_FORMAT) as train,
               ShardWriter(tmp / "val", "uint8", None, meta, format=CORPUS_FORMAT) as val):

@@ -239,7 +239,7 @@ def build_poly(out: Path, opts: PolyOptions) -> dict:
 
     counts = {sp: {"docs": 0, "bytes": 0, "skipped_test_expressions": Counter()} for sp in ("train", "val")}
     meta = {"source": "bytelm synth poly"}
-    with atomic_path(out / "corpus") as tmp:
+    with atomic_path(out / "corpus", marker="train/meta.json") as tmp:
         tmp.mkdir()
         for split, n in (("train", opts.n_train), ("val", opts.n_val)):
             stream = training_stream(opts.seed, n, opts.m_train_max, exclude, split, counts[split]["skipped_test_expressions"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from bytelm.errors import UserError
-from bytelm.evaluation.runner import EvalSettings, run_checkpoint, run_reference, run_samples
+from bytelm.evaluation.runner import EvalSettings, check_outputs, run_checkpoint, run_reference, run_samples
 from bytelm.evaluation.tasks import APPS_DIFFICULTIES, parse_tasks
 
 
@@ -110,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
     if args.samples and not args.task:
         raise UserError("--samples needs --task (humaneval, mbpp or apps)")
     tasks = parse_tasks(args.task or eval_cfg.tasks)
+    if args.json:  # refused before any program runs
+        check_outputs(args.json, inputs=[p for p in (args.samples, args.checkpoint) if p])
     if args.checkpoint:
         run_checkpoint(args.checkpoint, tasks, settings, args.json)
         return 0

@@ -31,7 +31,7 @@ from bytelm.errors import UserError
 from bytelm.evaluation.passk import KS, benchmark_pass_at_k, oracle
 from bytelm.evaluation.sandbox import STATUSES, Executor, Limits
 from bytelm.evaluation.tasks import TASKS, Problem, load_problems, max_new_tokens, normalise_task_id
-from bytelm.fileio import atomic_path, write_json
+from bytelm.fileio import atomic_path, check_output, write_json
 
 if TYPE_CHECKING:  # torch is imported only in checkpoint mode
     from bytelm.model import MTPTransformer
@@ -87,13 +87,22 @@ def results_path(out: str | os.PathLike) -> Path:
     return Path(out).with_suffix(".results.jsonl")
 
 
-def write_outputs(out: str | os.PathLike, summary: dict, records: list[dict]) -> None:
+def check_outputs(out: str | os.PathLike, inputs: Sequence = ()) -> None:
+    """Refuses, before any program runs, a --json path (or its results file) that is
+    not a file the evaluation may replace (bytelm.fileio.check_output)."""
+    check_output(out, inputs=inputs)
+    check_output(results_path(out), inputs=[*inputs, out])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # an uncreatable folder fails now, not after the programs
+
+
+def write_outputs(out: str | os.PathLike, summary: dict, records: list[dict], inputs: Sequence = ()) -> None:
     out = Path(out)
-    with atomic_path(results_path(out)) as tmp:
+    with atomic_path(results_path(out), inputs=[*inputs, out]) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    write_json(out, summary)
+                # ASCII escapes: a completion may hold a lone surrogate, which UTF-8 cannot encode
+                f.write(json.dumps(r) + "\n")
+    write_json(out, summary, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -191,7 +200,7 @@ def run_samples(samples_file: str | os.PathLike, task: str, out: str | os.PathLi
     if summary["n_problems"] < len(problems):
         print(f"bytelm eval: {len(problems) - summary['n_problems']} of {len(problems)} {task} problems have no "
               "samples; pass@k is over the others", file=sys.stderr)
-    write_outputs(out, summary, records)
+    write_outputs(out, summary, records, inputs=[samples_file])
     print_table([{"task": task, **summary}])
     return summary
 
