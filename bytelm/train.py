@@ -206,6 +206,32 @@ def all_reduce_grads(model: MTPTransformer, world: int) -> None:
         offset += g.numel()
 
 
+# The keys a resumed run may change: when and how it runs, not what it learns. Any other
+# train.*/model.*/data.* key would be recorded in config.yaml while the restored optimizer,
+# scheduler and RNG state go on with the old value.
+RESUMABLE_KEYS = {
+    "data.root", "train.steps", "train.micro_batch_size", "train.device", "train.dtype", "train.compile",
+    "train.parallel", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    "train.keep_last", "train.time_limit_s",
+}
+
+
+def check_resumable(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuses to resume with a config that differs from the checkpoint's in a key that is
+    not in RESUMABLE_KEYS (eval.* and tracking.* may change too), naming the keys."""
+    from bytelm.config import flatten
+
+    old = flatten({k: v for k, v in to_dict(saved).items() if k in ("data", "model", "train")})
+    new = flatten({k: v for k, v in to_dict(cfg).items() if k in ("data", "model", "train")})
+    if old.get("model.vocab_size") and not new.get("model.vocab_size"):
+        new["model.vocab_size"] = old["model.vocab_size"]  # 0: taken from the data, as it was
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS]
+    if changed:
+        diff = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
+        raise UserError(f"{run_dir} was trained with other values of {diff}{' ...' if len(changed) > 6 else ''}; "
+                        "resume with the run's own config.yaml, or use a new --run-dir (resumable keys: docs/training.md)")
+
+
 def open_data(cfg: RunConfig) -> tuple[ShardDataset, ShardDataset]:
     root = Path(cfg.data.root) / cfg.data.tokenizer
     for split in ("train", "val"):
@@ -305,9 +331,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     run_dir = Path(run_dir)
     start = ckpt.list_checkpoints(run_dir)
     if start:  # resuming: the model must be the one the checkpoint holds
-        saved = ckpt.load_config(start[-1])
-        if to_dict(saved)["model"] != to_dict(cfg)["model"]:
-            raise UserError(f"{run_dir} holds a checkpoint of a different model config; use a new --run-dir")
+        check_resumable(ckpt.load_config(start[-1]), cfg, run_dir)
 
     torch.manual_seed(t.seed)
     model = MTPTransformer(m).to(device)
@@ -327,13 +351,13 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     state = {"step": 0, "best_val_bpb": float("inf"), "tokens_seen": 0, "bytes_seen": 0, "train_s": 0.0}
     if start:
         # Under FSDP the full state stays on the CPU until it is sharded onto the GPU.
-        opt_state = torch.load(start[-1] / "optim.pt", map_location="cpu" if fsdp else device, weights_only=False)
+        opt_state = ckpt.load_state_file(start[-1], "optim.pt", map_location="cpu" if fsdp else device)
         if fsdp:
             load_full_optimizer_state(model, optimizer, opt_state["optimizer"], names)
         else:
             optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-        ckpt.set_rng_state(torch.load(start[-1] / "rng.pt", weights_only=False))
+        ckpt.set_rng_state(ckpt.load_state_file(start[-1], "rng.pt"))
         state.update(ckpt.read_state(start[-1]))
         state.pop("tokenizer", None)
     autocast = autocast_for(cfg, device)
