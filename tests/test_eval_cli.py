@@ -35,7 +35,9 @@ def test_samples_mode_end_to_end(tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "out" / "he.json"
-    code, stdout, _ = run_cli(["--samples", str(samples), "--task", "humaneval", "--json", str(out)], capsys)
+    # --timeout far beyond what the programs need: the counts below must not depend on load
+    code, stdout, _ = run_cli(["--samples", str(samples), "--task", "humaneval", "--json", str(out), "--timeout", "120"],
+                              capsys)
     assert code == 0 and "pass@10" in stdout
     summary = json.loads(out.read_text())
     assert summary["n_problems"] == 3 and summary["n_samples"] == 30 and summary["n_problems_in_task"] == 164

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +44,15 @@ def naive_passes(solution: str, tests: str) -> bool:
     return subprocess.run([sys.executable, "-c", solution + "\n" + tests], capture_output=True, timeout=30).returncode == 0
 
 
+# Programs that should end on their own get a wall clock far beyond what they need even on a
+# saturated machine, so that no outcome here depends on the machine's load; the tests of
+# timeouts give their jobs a short one of their own.
+LONG = 120
+
+
 @pytest.fixture(scope="module")
 def ex():
-    with Executor(workers=2, limits=Limits(timeout_s=5)) as e:
+    with Executor(workers=2, limits=Limits(timeout_s=LONG)) as e:
         assert e.isolation["mode"] == "namespaces", f"the sandbox fell back to process mode: {e.isolation}"
         yield e
         assert processes_of(e.uids) == []
@@ -73,22 +78,24 @@ def test_runaway_programs_time_out_and_leave_nothing(ex):
         "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
         "output flood": "while True:\n    print('x' * 100000)\n",
     }
-    t0 = time.monotonic()
     results = dict(zip(jobs, ex.map([Job(code, timeout_s=2) for code in jobs.values()])))
-    assert time.monotonic() - t0 < 20  # two at a time, ~2 s each
     for name, r in results.items():
         assert r.status == "timeout", (name, r)
-        assert r.duration_s < 8, (name, r.duration_s)  # 2 s, plus killing 16 processes on a busy machine
+        # ended at its 2 s, not at the fixture's long wall clock (killing takes what it takes)
+        assert r.duration_s < LONG / 2, (name, r.duration_s)
     assert len(results["output flood"].stdout) <= ex.limits.output_kb << 10
     assert processes_of(ex.uids) == []
     assert run(ex, RIGHT, SQUARE_TESTS).status == "passed"  # the slots still work
 
 
-def test_huge_allocations_fail_inside_the_program(ex):
-    r = run(ex, "x = bytearray(1 << 40)\n")
-    assert (r.status, r.reason.split(" (")[0]) == ("error", "MemoryError")
-    r = run(ex, "def square(x):\n    return x * x\n", "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))\n")
-    assert r.status == "failed" and r.reason.startswith("MemoryError")
+def test_huge_allocations_fail_inside_the_program():
+    """Bounded by the memory limit, not the clock: a small limit (filled in moments even on
+    a saturated machine) and a wall clock far beyond it."""
+    with Executor(workers=1, limits=Limits(timeout_s=LONG, memory_mb=192)) as small:
+        r = run(small, "x = bytearray(1 << 40)\n")
+        assert (r.status, r.reason.split(" (")[0]) == ("error", "MemoryError")
+        r = run(small, "def square(x):\n    return x * x\n", "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))\n")
+        assert r.status == "failed" and r.reason.startswith("MemoryError"), r
 
 
 def test_the_host_file_system_is_untouched(ex, tmp_path):
@@ -144,6 +151,52 @@ def test_killing_the_parent_or_everything_fails_and_the_harness_survives(ex):
     r = run(ex, solution + WRONG, SQUARE_TESTS)
     assert r.status == "error" and "SIGKILL" in r.reason, r
     assert run(ex, RIGHT, SQUARE_TESTS).status == "passed"
+
+
+def test_host_unix_sockets_are_out_of_reach(ex):
+    """A network namespace does not cover path sockets: a world-writable one under /run
+    was reachable, and the host read what a program sent. The slot's root holds none of
+    the host's sockets (nor its other files: this repository is not there)."""
+    import socket
+
+    path = Path(f"/run/bytelm-test-{os.getpid()}.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    os.chmod(path, 0o777)
+    server.listen(1)
+    server.setblocking(False)
+    try:
+        program = textwrap.dedent(f"""
+            import os, socket
+            s = socket.socket(socket.AF_UNIX)
+            s.connect({str(path)!r})
+            s.sendall(b"escaped")
+            """)
+        r = run(ex, program)
+        assert r.status == "error" and "FileNotFoundError" in r.reason, r
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+        r = run(ex, f"import os\nassert not os.path.exists({str(Path(__file__).resolve())!r})\n"
+                    "assert sorted(os.listdir('/run')) in (['lock'], ['lock', 'mount']), os.listdir('/run')\n")
+        assert r.status == "passed", r
+    finally:
+        server.close()
+        path.unlink()
+
+
+def test_programs_cannot_make_user_namespaces(ex):
+    """unshare(CLONE_NEWUSER) gives a program root's powers over new namespaces, the way
+    into most of the kernel's attack surface; in a slot it fails."""
+    program = textwrap.dedent("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x10000000) == 0:
+            raise SystemExit("made a user namespace")
+        assert ctypes.get_errno() in (1, 22, 28), ctypes.get_errno()  # EPERM, EINVAL, ENOSPC
+        """)
+    r = run(ex, program)
+    assert r.status == "passed", r
+    assert ex.isolation["no_user_namespaces"]
 
 
 def test_no_network(ex):
@@ -233,9 +286,10 @@ def test_background_processes_do_not_survive_their_program(ex):
                 time.sleep(600)
             os._exit(0)
         """)
+    # the daemon holds the output pipes for 600 s: had the harness waited for it, the
+    # program would have hit its wall clock (LONG) and be a timeout, not a pass
     r = run(ex, daemon + RIGHT, SQUARE_TESTS)
     assert r.status == "passed", r
-    assert r.duration_s < 3  # the daemon holds the output pipes; the harness does not wait for it
     assert processes_of(ex.uids) == []
 
 

@@ -28,7 +28,9 @@ MAPCODER = data_file("apps/mapcoder_apps_selected150.jsonl")
 
 @pytest.fixture(scope="module")
 def ex():
-    with Executor(workers=2, limits=Limits(timeout_s=10)) as e:
+    # a wall clock no reference solution nears even on a saturated machine: no outcome
+    # here may depend on the machine's load
+    with Executor(workers=2, limits=Limits(timeout_s=120)) as e:
         yield e
 
 

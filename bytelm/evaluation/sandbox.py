@@ -9,9 +9,16 @@ error, with a short reason.
 Namespace mode (the default where it works: root, util-linux, a kernel that allows it)
 - Slots. The executor keeps one slot per worker thread. A slot is a *holder*: a root
   process started once by `unshare` in new mount, network, UTS, IPC and PID namespaces. It
-  mounts private tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock, remounts / read-only
-  and nosuid, and waits as the init (PID 1) of its PID namespace. The slot's programs enter
-  its namespaces with `nsenter`, one at a time.
+  builds a minimal root and pivots into it: a read-only tmpfs holding read-only, nosuid
+  binds of /usr, /etc, the top-level library folders and the interpreter's installation,
+  a /dev of null, zero, full, random and urandom, /proc, and private tmpfs at /tmp,
+  /var/tmp, /dev/shm and /run/lock. Nothing else of the host is there: not its data or
+  home folders, and not the Unix sockets under /run or elsewhere (a network namespace
+  does not cover path sockets). The holder then enters a user namespace of its own that
+  maps root and the slot's uid to themselves and allows no nested user namespace
+  (`user.max_user_namespaces` = 0 inside it): `unshare(CLONE_NEWUSER)`, the way into
+  most kernel attack surface, fails for the programs. It waits as the init (PID 1) of its
+  PID namespace. The slot's programs enter its namespaces with `nsenter`, one at a time.
 - A program starts as root inside the slot, as `python -I -S` (isolated mode, no site
   packages) with a scrubbed environment, in a fresh empty working directory /tmp/work. The
   prelude (`_prelude`, below) reads the job from stdin, sets resource limits (address
@@ -74,9 +81,12 @@ from tqdm import tqdm
 STATUSES = ("passed", "failed", "timeout", "error")
 MODES = ("assert", "stdio", "call")
 
-# World-writable places a program could otherwise leave files in; each slot covers them
-# with its own tmpfs (those that exist on this machine and are real folders).
+# The writable places of a slot's root, each its own tmpfs, emptied after every program.
 TMPFS_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# What of the host a slot's root holds (read-only), besides the interpreter's installation.
+ROOT_BINDS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+CLONE_NEWUSER = 0x10000000
 WORKDIR = "/tmp/work"
 # uids of sandboxed programs: far above any real account. Each executor takes a block of
 # 64 (one per slot) derived from the harness's pid, so that concurrent harnesses (pytest
@@ -318,9 +328,23 @@ _BOOT = f"import marshal,sys;exec(marshal.loads(sys.stdin.buffer.read({len(_PREL
 # inherits, and repeats until kill(-1) finds no process left (dying ones still count), then
 # answers "k" ("!" if some survive 30 s, e.g. stuck in the kernel). At end of file (the
 # harness closed the pipe or died) it exits, and the kernel kills the namespace with it.
-_HOLDER_LOOP = """
-import os, time
-os.write(1, b"ready %s\\n" % os.readlink("/proc/self").encode())
+#
+# Before that, in its minimal root: it enters a user namespace of its own and says
+# "userns"; the harness writes the namespace's uid and gid maps and sends "m"; then it
+# allows no user namespace inside this one and says "ready". Where the kernel allows no
+# user namespace at all, none can be made inside either: "ready nouserns".
+_HOLDER_LOOP = f"""
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare({CLONE_NEWUSER}) == 0:
+    os.write(1, b"userns\\n")
+    if os.read(0, 1) != b"m":
+        raise SystemExit("no uid map")
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
+    os.write(1, b"ready\\n")
+else:
+    os.write(1, b"ready nouserns\\n")
 while os.read(0, 1):
     give_up = time.monotonic() + 30
     while time.monotonic() < give_up:
@@ -359,26 +383,6 @@ class _Streams:
     ended: bool = False  # the program's processes have been killed (`Executor._end`)
 
 
-def _reveal_lines(prefix: str) -> list[str]:
-    """Mount commands (for the holder) that make the interpreter's installation readable
-    by an unprivileged uid when a folder above it is closed to others (pyenv under /root,
-    mode 700): bind it aside, cover the closed folder with a tmpfs (mode 755), bind it back
-    at its own path. Everything else in the closed folder stays hidden from programs."""
-    closed = next((a for a in reversed(Path(prefix).parents) if not os.stat(a).st_mode & stat.S_IXOTH), None)
-    if closed is None:
-        return []
-    stage, q = "/tmp/.bytelm-python", shlex.quote
-    return [
-        f"mkdir {stage}",
-        f"mount --bind {q(prefix)} {stage}",
-        f"mount -t tmpfs -o size=1m,mode=755 tmpfs {q(str(closed))}",
-        f"mkdir -p {q(prefix)}",
-        f"mount --bind {stage} {q(prefix)}",
-        f"umount {stage}",
-        f"rmdir {stage}",
-    ]
-
-
 def _last_line(data: bytes) -> str:
     lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
     return lines[-1].strip()[:300] if lines else ""
@@ -401,13 +405,15 @@ class Executor:
         self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._holders: list[subprocess.Popen] = []
         self.uids: list[int] = []  # namespace mode: the slots' uids (to check that nothing is left running)
+        self._user_namespaces = False  # the slots' holders are in user namespaces of their own
         reason = "isolation='process' was asked for"
         if isolation != "process":
             try:
                 self._start_namespaces()
                 self.isolation = {
                     "mode": "namespaces", "network": True, "pid_namespace": True,
-                    "own_uid": True, "private_tmp": True, "read_only_root": True,
+                    "own_uid": True, "private_tmp": True, "read_only_root": True, "minimal_root": True,
+                    "no_user_namespaces": True,
                 }
             except SandboxUnavailable as e:
                 self._stop_holders()
@@ -420,7 +426,8 @@ class Executor:
                 self._slots.put(_Slot())
             self.isolation = {
                 "mode": "process", "network": False, "pid_namespace": False,
-                "own_uid": False, "private_tmp": False, "read_only_root": False, "reason": reason,
+                "own_uid": False, "private_tmp": False, "read_only_root": False, "minimal_root": False,
+                "no_user_namespaces": False, "reason": reason,
             }
         self.network_isolated = self.isolation["network"]
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox")
@@ -430,7 +437,7 @@ class Executor:
     def _start_namespaces(self) -> None:
         if os.geteuid() != 0:
             raise SandboxUnavailable("not running as root (namespaces and per-program uids need root)")
-        tools = {t: shutil.which(t) for t in ("unshare", "nsenter", "mount", "sh")}
+        tools = {t: shutil.which(t) for t in ("unshare", "nsenter", "mount", "pivot_root", "sh")}
         missing = [t for t, p in tools.items() if p is None]
         if missing:
             raise SandboxUnavailable(f"util-linux tools not found: {', '.join(missing)}")
@@ -446,12 +453,37 @@ class Executor:
         self._probe()
 
     def _holder_script(self) -> str:
+        """The holder's shell script: the slot's minimal root (see the module's docstring),
+        built on a tmpfs under a private /tmp, pivoted into, made read-only; then the
+        holder loop."""
+        q = shlex.quote
         opts = f"size={self.limits.tmp_mb}m,nr_inodes=16384,mode=1777,nosuid,nodev"
-        lines = ["set -e"]
-        lines += [f"mount -t tmpfs -o {opts} tmpfs {d}" for d in TMPFS_DIRS if os.path.isdir(d) and not os.path.islink(d)]
-        lines += _reveal_lines(sys.base_prefix)
-        lines.append("mount -o remount,bind,ro,nosuid /")
-        lines.append(f"exec {shlex.quote(self.python)} -I -S -c {shlex.quote(_HOLDER_LOOP)}")
+        new = "/tmp/.bytelm-root"
+        lines = ["set -e", "mount -t tmpfs -o size=1m,mode=755 tmpfs /tmp", f"mkdir {new}",
+                 f"mount -t tmpfs -o size=1m,mode=755 tmpfs {new}", f"cd {new}"]
+        prefix = os.path.realpath(sys.base_prefix)
+        binds = [d for d in ROOT_BINDS if os.path.isdir(d) and not os.path.islink(d)]
+        if not any(prefix == d or prefix.startswith(d + "/") for d in binds):
+            binds.append(prefix)
+        exe_dir = os.path.dirname(self.python)
+        if not any(exe_dir == d or exe_dir.startswith(d + "/") for d in binds):
+            binds.append(exe_dir)
+        for d in ROOT_BINDS:  # merged-/usr systems: /bin -> usr/bin and the like
+            if os.path.islink(d):
+                lines.append(f"ln -s {q(os.readlink(d))} .{d}")
+        for d in binds:
+            lines += [f"mkdir -p .{q(d)}", f"mount --bind {q(d)} .{q(d)}", f"mount -o remount,bind,ro,nosuid .{q(d)}"]
+        lines += ["mkdir proc dev", "mount -t proc -o nosuid,nodev,noexec proc proc || mount --rbind /proc proc",
+                  "mount -t tmpfs -o size=1m,mode=755,nosuid tmpfs dev"]
+        for dev in DEVICES:
+            lines += [f"touch dev/{dev}", f"mount --bind /dev/{dev} dev/{dev}"]
+        lines += ["ln -s /proc/self/fd dev/fd"] + [f"ln -s /proc/self/fd/{i} dev/{n}" for i, n in
+                                                    enumerate(("stdin", "stdout", "stderr"))]
+        for d in TMPFS_DIRS:
+            lines += [f"mkdir -p .{d}", f"mount -t tmpfs -o {opts} tmpfs .{d}"]
+        lines += ["mkdir .old", "pivot_root . .old", "cd /", "umount -l /.old", "rmdir /.old",
+                  "mount -o remount,bind,ro,nosuid /"]
+        lines.append(f"exec {q(self.python)} -I -S -c {q(_HOLDER_LOOP)}")
         return "\n".join(lines)
 
     def _start_holder(self, unshare: str, script: str, uid: int) -> _Slot:
@@ -463,13 +495,27 @@ class Executor:
         sel = selectors.DefaultSelector()
         sel.register(holder.stdout, selectors.EVENT_READ)
         line = holder.stdout.readline() if sel.select(timeout=30) else b""
+        # the host pid of the namespace's init: unshare's only child (the slot's own /proc
+        # shows it as 1)
+        try:
+            init_pid = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            init_pid = 0
+        if line.startswith(b"userns") and init_pid:
+            # the holder's own user namespace: root and the slot's uid, mapped to themselves
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/{init_pid}/{name}", "w") as f:
+                    f.write(f"0 0 1\n{uid} {uid} 1\n")
+            holder.stdin.write(b"m")
+            holder.stdin.flush()
+            line = holder.stdout.readline() if sel.select(timeout=30) else b""
         sel.close()
-        if not line.startswith(b"ready "):
+        if not line.startswith(b"ready") or not init_pid:
             holder.kill()
             holder.wait()
             err = _last_line(holder.stderr.read())
             raise SandboxUnavailable(f"could not create namespaces: {err or 'no answer from the holder'}")
-        init_pid = int(line.split()[1])
+        self._user_namespaces = b"nouserns" not in line
         return _Slot(uid=uid, holder=holder, init_pid=init_pid, root=f"/proc/{init_pid}/root")
 
     def _probe(self) -> None:
@@ -550,7 +596,8 @@ class Executor:
             os.mkdir(work, 0o700)
             os.chown(work, slot.uid, slot.uid, follow_symlinks=False)
             limits.append(("RLIMIT_NPROC", lim.processes))
-            argv = [self._nsenter, "-t", str(slot.init_pid), "-m", "-n", "-u", "-i", "-p", "--"]
+            argv = [self._nsenter, "-t", str(slot.init_pid), "-m", "-n", "-u", "-i", "-p", "-r", "-w"]
+            argv += ["-U", "--preserve-credentials", "--"] if self._user_namespaces else ["--"]
             cwd, env = "/", {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": WORKDIR, "TMPDIR": "/tmp"}
         else:
             slot.workdir = tempfile.mkdtemp(prefix="bytelm-run-")
