@@ -15,6 +15,8 @@
 #    --out, else $OUT, else out/), whatever the command's exit, and exits with the command's
 #    status. Run the same command again to resume what a time limit stopped; elsewhere,
 #    `bytelm track import runs/<sweep>` logs the unpacked folders into MLflow.
+# Set BYTELM_GIT_COMMIT=<sha> where the machine's copy has no git history of its own (every
+# run records it), and BYTELM_DATA_DIR to a copy of the benchmark data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: bash scripts/gpu_machine.sh [--wheels DIR] [--time-limit S] [--out DIR] [--pack DIR]... -- COMMAND [ARG]..." >&2; exit 2; }
