@@ -1,5 +1,5 @@
 """What one decoding step costs: a plain decode step (1 position) against a speculative
-verify step (k positions), with the engine's own step (bytelm.generate.Decoder).
+verify step (k positions), with the engine's own step (bytelm.step_engine.StepEngine).
 
     python benchmarks/decode_step.py --json out.json [--preset bytes-100m|bytes-30m|tokens-135m|cpu]
         [--batch-sizes 1,16] [--heads 1,2,4,8] [--cache 1024] [--dtype bfloat16]
@@ -32,7 +32,9 @@ import torch
 from tabulate import tabulate
 
 from bytelm.config import ModelConfig
-from bytelm.generate import Decoder, cast_for_inference
+from bytelm.generate import cast_for_inference
+from bytelm.speculative import Sampling
+from bytelm.step_engine import StepEngine
 from bytelm.model import MTPTransformer
 
 PRESETS = {
@@ -50,7 +52,7 @@ def build(preset: str, cache: int, dtype: torch.dtype, device: str) -> MTPTransf
     return cast_for_inference(MTPTransformer(cfg).eval().to(device), dtype)
 
 
-def time_steps(dec: Decoder, b: int, start: int, chunks: int, readback: bool) -> float:
+def time_steps(dec: StepEngine, b: int, start: int, chunks: int, readback: bool) -> float:
     """Mean ms per step over `chunks` chunks of CHUNK steps."""
     cuda = dec.device.type == "cuda"
     total = 0.0
@@ -69,7 +71,7 @@ def time_steps(dec: Decoder, b: int, start: int, chunks: int, readback: bool) ->
     return 1e3 * total / (chunks * CHUNK)
 
 
-def profile_step(dec: Decoder, b: int, top: int = 12) -> str:
+def profile_step(dec: StepEngine, b: int, top: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dec.device.type == "cuda" else [])
@@ -120,8 +122,8 @@ def main() -> None:
             for b in batches:
                 base = None
                 for k in heads:
-                    dec = Decoder(model, heads=k, batch_size=b, max_len=args.cache, cuda_graphs=mode != "eager",
-                                  compile=mode == "compile", attention=attention, flex_split_kv=split)
+                    dec = StepEngine(model, heads=k, batch_size=b, max_len=args.cache, sampling=Sampling(),
+                                     cuda_graphs=mode != "eager", compile=mode == "compile", attention=attention, flex_split_kv=split)
                     prompt = torch.randint(0, model.cfg.vocab_size, (start,)).tolist()
                     dec.prefill(list(range(b)), [prompt] * b)
                     for _ in range(3):

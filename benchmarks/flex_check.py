@@ -1,6 +1,6 @@
 """Is compiled FlexAttention right on this GPU? The decoding step's attention (a query block
 of T positions per row over a cache, each row at its own position: the block mask of
-`MTPTransformer.rope(..., flex=True)`) under torch.compile, against scaled_dot_product_attention
+`MTPTransformer.attention_spec(..., flex=True)`) under torch.compile, against scaled_dot_product_attention
 with the same rule as a boolean mask computed in float64. CPU tests cannot cover this: the
 compiled kernel exists on CUDA only.
 
@@ -49,10 +49,10 @@ from bytelm.fileio import write_json
 from bytelm.model import MTPTransformer, cache_block_mask
 
 
-def create_mask(positions, L):
-    """The rule through create_block_mask (evaluated on the whole padded block grid), as
-    the decoder built it until 2026-11-30."""
-    return create_block_mask(lambda b, h, q, kv: kv <= positions[b, q], positions.shape[0], None,
+def create_mask(positions, L, sees=None):
+    """The rule through create_block_mask (evaluated on the whole padded block grid), the
+    reference `cache_block_mask` replaces."""
+    return create_block_mask(sees or (lambda b, h, q, kv: kv <= positions[b, q]), positions.shape[0], None,
                              positions.shape[1], L, device=positions.device)
 
 
@@ -253,14 +253,17 @@ def audit_steps(base, prompts, dtypes, batch, variants, out, save, steps: int = 
     logit-free check there is (the step's own KV cache writes: the largest difference of
     the positions it wrote, and of every position before them, which an earlier step wrote
     or the prefill did), all layers."""
-    from bytelm.generate import Decoder, cast_for_inference
+    from bytelm.generate import cast_for_inference
+    from bytelm.speculative import Sampling
+    from bytelm.step_engine import StepEngine
 
     prompts = prompts[:batch]
     lens = torch.tensor([len(p) for p in prompts])
     for dname in dtypes:
         model = cast_for_inference(base, getattr(torch, dname))
         with torch.inference_mode():
-            make = lambda **kw: Decoder(model, heads=1, batch_size=batch, max_len=400, cache_block=2048, **kw)  # noqa: E731
+            make = lambda **kw: StepEngine(model, heads=1, batch_size=batch, max_len=400, sampling=Sampling(),  # noqa: E731
+                                           cache_block=2048, **kw)
             for name in variants:
                 ref = make()  # a fresh reference per variant: both start from the prefill
                 ref.prefill(list(range(batch)), prompts)

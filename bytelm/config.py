@@ -176,6 +176,7 @@ def _resolve(layers: list[dict]) -> RunConfig:
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
+    cfg.train.compile = str(cfg.train.compile).lower()  # YAML's `true` arrives as "True"; the field is a string
     validate(cfg)
     return cfg
 
@@ -271,8 +272,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.loss_mode in ("memory_efficient", "naive"), "train.loss_mode", "must be memory_efficient or naive")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _require(t.dtype in ("auto", "float32", "bfloat16"), "train.dtype", "must be auto, float32 or bfloat16")
-    t.compile = str(t.compile).lower()  # YAML reads `true` as a bool; the field is a string
-    _require(t.compile in ("auto", "true", "false"), "train.compile", "must be auto, true or false")
+    _require(t.compile in ("auto", "true", "false"), "train.compile", f"must be auto, true or false, got {t.compile!r}")
     _require(t.parallel in PARALLEL, "train.parallel", f"must be one of {', '.join(PARALLEL)}, got {t.parallel!r}")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_last", "eval_batches"):
         _require(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")

@@ -199,8 +199,8 @@ def explain_mismatch(model: MTPTransformer, prompt: list[int], plain: list[int],
 def timed_runs(decoder: Decoder, prompts: list[list[int]], max_new: int, tokenizer: Tokenizer, repeats: int) -> Generation:
     """The run of median wall time (the lower middle of an even number) of `repeats` runs
     after a warm-up run of the same work: a row's wall time and its step, prefill and host
-    times all come from that one run (taking the statistics of the first run beside the
-    median's wall time mixed runs 7% apart, on an H200 at batch 1).
+    times all come from that one run (the statistics of another run beside the median's
+    wall time would mix runs that differ by several percent).
     Greedy decoding is deterministic, so the warm-up meets every (row bucket, length
     bucket) step the timed runs meet and captures (compiles) them all: the timed runs
     replay (their `capture_s`, kept in the row, is 0). A shorter warm-up left captures
@@ -286,7 +286,8 @@ def run_benchmark(
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
                           cuda_graphs=cuda_graphs, compile=compile, attention=att, cache_block=cache_block,
                           flex_split_kv=flex_split_kv, refill_min=refill_min)
-        runs[batch, k, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
+        with decoder:
+            runs[batch, k, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -62,35 +63,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
-class Rope:
-    """Rotary tables gathered for the positions being computed, plus the attention mode.
+class AttentionSpec:
+    """What every attention layer of one forward needs to know about the positions it
+    computes: their rotary tables, where their keys and values go in the cache, and which
+    keys each query reads (with which kernel).
 
     Without a cache the positions are 0..T-1 and attention is plain causal. With a cache,
-    each row b has its own positions (B, T) and attends to every cached key at a position
-    <= its query's position: a boolean `mask` (B, 1, T, L) for scaled_dot_product_attention,
-    or the same rule as a FlexAttention `block_mask` (a decoding step with
-    attention="flex", bytelm/generate.py)."""
+    each row b has its own positions (B, T), its keys and values are written to cache
+    `slots` (B, T) (the positions themselves, except in a tree step, where the nodes of one
+    depth share a position but not a slot), and each query reads the cached keys its rule
+    allows: a boolean `mask` (B, 1, T, L) for scaled_dot_product_attention, or the same
+    rule as a FlexAttention `block_mask` with its kernel options."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     positions: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     block_mask: BlockMask | None = None
     flex_options: dict | None = None  # FlexAttention kernel options (None: PyTorch's choices)
 
 
-def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) -> BlockMask:
+def cache_block_mask(positions: torch.Tensor, cache_len: int, sees=None, block: int = 128) -> BlockMask:
     """The FlexAttention block mask of "query (b, q) reads the cached keys at positions <=
     positions[b, q]" over `cache_len` keys, for a query block of up to `block` positions
-    per row whose positions do not decrease along q (a decoding step's).
+    per row whose positions do not decrease along q (a decoding step's). A rule `sees`
+    (FlexAttention's mask_mod) that lets every query read the keys up to the row's first
+    position and none past its last one (a tree step's, over its slots) replaces it.
 
     Built from the positions directly: with p_first <= p_last the row's first and last
     query positions, key block j (keys block*j .. block*(j+1)-1) is full, every query
     reading every key, when block*(j+1)-1 <= p_first; partial, the rule applied key by key,
     up to the block holding p_last; skipped after it. `create_block_mask` finds the same
     blocks to read by evaluating the rule on every (query, key) pair of the padded
-    block × cache grid, a reduction that took 107 µs of a 0.8 ms batch-16 step on an H200
-    (docs/benchmarks.md). It calls no block full when T < block, counting the query
+    block × cache grid, a reduction that costs a noticeable share of a batch-16 step on a
+    GPU. It calls no block full when T < block, counting the query
     block's padding as queries that see nothing; here the padding's outputs are discarded,
     so full blocks skip the rule. Checked against it: tests/test_model_loss.py."""
     B, T = positions.shape
@@ -102,7 +109,7 @@ def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) 
     blocks = torch.arange(n, device=positions.device, dtype=torch.int32)
     partial_idx = (full[:, None] + blocks).clamp_max(n - 1)  # entries past a row's count are not read
 
-    def sees(b, h, q, kv):
+    def causal(b, h, q, kv):
         return kv <= positions[b, q]
 
     def per_row(t):  # (B, ...) -> (B, heads 1, query blocks 1, ...), int32, materialised: the
@@ -111,7 +118,7 @@ def cache_block_mask(positions: torch.Tensor, cache_len: int, block: int = 128) 
         return t.to(torch.int32).contiguous().view(B, 1, 1, *t.shape[1:])
 
     return BlockMask.from_kv_blocks(per_row(seen - full), per_row(partial_idx), per_row(full),
-                                    per_row(blocks.expand(B, n)), block, sees, seq_lengths=(T, cache_len),
+                                    per_row(blocks.expand(B, n)), block, sees or causal, seq_lengths=(T, cache_len),
                                     compute_q_blocks=False)
 
 
@@ -135,6 +142,16 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+class KVStore(Protocol):
+    """Where an attention layer with a cache puts the keys and values it computes, and
+    what it then attends to. `write(k, v, slots)` stores k, v (B, H_kv, T, hd) at cache
+    slots (B, T) of the store's B rows and returns the keys and values (B, H_kv, L', hd)
+    that the queries read (the spec's mask covers those L' positions). `KVCache` is one
+    (every row, every position); `KVCache.rows` gives the others (some rows, a prefix)."""
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class KVCache(nn.Module):
     """A static, preallocated cache of one attention layer: (B, H_kv, L, hd) keys and values.
 
@@ -148,12 +165,34 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows(k.shape[0], self.k.shape[2]).write(k, v, slots)
+
+    def rows(self, rows: int | torch.Tensor, length: int) -> "KVRows":
+        return KVRows(self, rows, length)
+
+
+class KVRows:
+    """Some rows of a `KVCache` and its first `length` positions, as a store of their own:
+    `rows` an int s (rows [0, s): views, so the queries read the cache in place) or a
+    tensor of row indices (any rows, read by a gather: a prefill into free slots)."""
+
+    def __init__(self, kv: KVCache, rows: int | torch.Tensor, length: int):
+        self.kv, self.length = kv, length
+        if isinstance(rows, int):
+            self.index = torch.arange(rows, device=kv.k.device)
+            self.k, self.v = kv.k[:rows, :, :length], kv.v[:rows, :, :length]
+        else:
+            self.index, self.k, self.v = rows, None, None
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Advanced indices separated by a slice put their dims first: target (B, T, H, hd).
-        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k, self.v
+        rows = self.index[:, None]
+        self.kv.k[rows, :, slots] = k.transpose(1, 2).to(self.kv.k.dtype)
+        self.kv.v[rows, :, slots] = v.transpose(1, 2).to(self.kv.v.dtype)
+        if self.k is not None:
+            return self.k, self.v
+        return self.kv.k[self.index, :, : self.length], self.kv.v[self.index, :, : self.length]
 
 
 class Attention(nn.Module):
@@ -166,27 +205,27 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, spec: AttentionSpec, cache: KVStore | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hd, H, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         q = q.view(B, T, H, hd).transpose(1, 2)
         k = k.view(B, T, Hkv, hd).transpose(1, 2)
         v = v.view(B, T, Hkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+        q, k = apply_rope(q, spec.cos, spec.sin), apply_rope(k, spec.cos, spec.sin)
         gqa = Hkv != H
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k_all, v_all = cache.write(k, v, rope.positions)
+            k_all, v_all = cache.write(k, v, spec.slots)
             k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-            if rope.block_mask is not None:
+            if spec.block_mask is not None:
                 if T > 1:
                     q = materialise(q)
-                y = flex_attention(q, k_all, v_all, block_mask=rope.block_mask, enable_gqa=gqa,
-                                   kernel_options=rope.flex_options)
+                y = flex_attention(q, k_all, v_all, block_mask=spec.block_mask, enable_gqa=gqa,
+                                   kernel_options=spec.flex_options)
             else:
-                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=rope.mask, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=spec.mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -217,8 +256,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, ffn_hidden(cfg))
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x: torch.Tensor, spec: AttentionSpec, cache: KVStore | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), spec, cache)
         return x + self.ffn(self.ffn_norm(x))
 
     def flops_per_token(self, cfg: ModelConfig, seq_len: int) -> int:
@@ -239,18 +278,18 @@ class Heads(nn.Module):
     n: int
     attends = False  # True when heads hold attention layers (and so need KV caches)
 
-    def hidden(self, i: int, z: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, i: int, z: torch.Tensor, spec: AttentionSpec, cache: KVStore | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def unembed(self, i: int, h: torch.Tensor) -> torch.Tensor:
         return self.output(h)
 
-    def group(self, a: int, b: int, z: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def group(self, a: int, b: int, z: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Heads a..b-1 at once, for the loss: (hidden states, unembedding) such that
         F.linear(norm(hidden), unembedding) viewed as (B·T·(b-a), V) are the logits, rows
         ordered (batch, position, head). Default: a shared unembedding, hidden states
         stacked along a head axis."""
-        h = torch.stack([self.hidden(i, z, rope) for i in range(a, b)], dim=2)
+        h = torch.stack([self.hidden(i, z, spec) for i in range(a, b)], dim=2)
         return h, self.output.weight
 
     def flops_per_token(self, i: int, cfg: ModelConfig, seq_len: int) -> int:
@@ -266,8 +305,8 @@ class TransformerHeads(Heads):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(self.n))
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def hidden(self, i, z, rope, cache=None):
-        return self.blocks[i](z, rope, cache)
+    def hidden(self, i, z, spec, cache=None):
+        return self.blocks[i](z, spec, cache)
 
     def flops_per_token(self, i, cfg, seq_len):
         return self.blocks[i].flops_per_token(cfg, seq_len) + 2 * self.output.weight.numel()
@@ -280,7 +319,7 @@ class LinearHeads(Heads):
         self.maps = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(self.n))
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def hidden(self, i, z, rope, cache=None):
+    def hidden(self, i, z, spec, cache=None):
         return self.maps[i](z)
 
     def flops_per_token(self, i, cfg, seq_len):
@@ -295,13 +334,13 @@ class UnembedHeads(Heads):
         # (n·V × d): rows [i·V, (i+1)·V) are head i's unembedding.
         self.output = nn.Linear(cfg.d_model, self.n * cfg.vocab_size, bias=False)
 
-    def hidden(self, i, z, rope, cache=None):
+    def hidden(self, i, z, spec, cache=None):
         return z
 
     def unembed(self, i, h):
         return F.linear(h, self.output.weight[i * self.vocab : (i + 1) * self.vocab])
 
-    def group(self, a, b, z, rope):
+    def group(self, a, b, z, spec):
         # Every head reads z itself: one matmul against rows [a·V, b·V) of the (n·V × d)
         # output gives all b-a heads' logits, laid out (batch, position, head, V).
         return z, self.output.weight[a * self.vocab : b * self.vocab]
@@ -364,38 +403,61 @@ class MTPTransformer(nn.Module):
 
     # -- the two halves ------------------------------------------------------------
 
-    def rope(self, T: int, positions: torch.Tensor | None = None, cache_len: int | None = None,
-             flex: bool = False, flex_split_kv: int = 0) -> Rope:
-        """Rotary tables and the attention rule for T positions: 0..T-1 (causal, no cache)
-        or each row's own `positions` (B, T) over `cache_len` cached keys; `flex` gives the
-        cache rule as a FlexAttention block mask instead of a boolean mask, and
+    def attention_spec(self, T: int, positions: torch.Tensor | None = None, cache_len: int | None = None,
+                       flex: bool = False, flex_split_kv: int = 0,
+                       ancestors: torch.Tensor | None = None) -> AttentionSpec:
+        """The attention of T positions: 0..T-1 (causal, no cache), or each row's own
+        `positions` (B, T) over `cache_len` cached keys.
+
+        Without `ancestors` (a chain: a prefill, or a step over consecutive positions) a
+        query reads every key at a position <= its own. With `ancestors` (T, T), bool, a
+        step over a tree of T nodes in topological order (node 0 the root, at
+        positions[:, 0]): node j is written to slot positions[:, 0] + j, and reads the keys
+        before the root and those of the nodes i with ancestors[j, i] (its ancestors and
+        itself); `positions` are then the nodes' positions in their paths (root + depth).
+        `flex` gives the rule as a FlexAttention block mask instead of a boolean mask, and
         `flex_split_kv` > 0 sets the number of parts its decoding kernel splits the cache
         into (0: PyTorch's choice, 2 per SM over batch × KV heads, which is 1 split, i.e.
         one thread block reading a whole row, once batch × heads exceeds the SMs)."""
         if positions is None:
-            return Rope(self.rope_cos[:T][None, None], self.rope_sin[:T][None, None])
+            return AttentionSpec(self.rope_cos[:T][None, None], self.rope_sin[:T][None, None])
         cos = self.rope_cos[positions][:, None]  # (B, 1, T, hd/2)
         sin = self.rope_sin[positions][:, None]
+        slots, sees = positions, None
+        if ancestors is not None:
+            root = positions[:, :1]
+            slots = root + torch.arange(T, device=positions.device)
+
+            def sees(b, h, q, kv):
+                rel = kv - root[b, 0]
+                return (rel < 0) | ((rel < T) & ancestors[q, rel.clamp(0, T - 1)])
+
         if flex:
             options = {"SPLIT_KV": flex_split_kv} if flex_split_kv else None
-            return Rope(cos, sin, positions, block_mask=cache_block_mask(positions, cache_len), flex_options=options)
+            return AttentionSpec(cos, sin, positions, slots, block_mask=cache_block_mask(slots, cache_len, sees),
+                                 flex_options=options)
         keys = torch.arange(cache_len, device=positions.device)
-        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
-        return Rope(cos, sin, positions, mask)
+        if ancestors is None:
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+        else:
+            rel = keys[None, :] - slots[:, :1]  # (B, L)
+            mask = (rel[:, None] < 0) | ((rel[:, None] < T) & ancestors[:, rel.clamp(0, T - 1)].transpose(0, 1))
+            mask = mask[:, None]  # (B, 1, T, L)
+        return AttentionSpec(cos, sin, positions, slots, mask)
 
-    def trunk(self, idx: torch.Tensor, rope: Rope | None = None, cache: ModelCache | None = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor, spec: AttentionSpec | None = None, cache: ModelCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> trunk output z (B, T, d), un-normalised."""
-        rope = rope or self.rope(idx.shape[1])
+        spec = spec or self.attention_spec(idx.shape[1])
         x = self.tok_emb(idx)
         for j, block in enumerate(self.blocks):
-            x = block(x, rope, cache.trunk[j] if cache is not None else None)
+            x = block(x, spec, cache.trunk[j] if cache is not None else None)
         return x
 
-    def head_logits(self, i: int, z: torch.Tensor, rope: Rope | None = None, cache: ModelCache | None = None) -> torch.Tensor:
+    def head_logits(self, i: int, z: torch.Tensor, spec: AttentionSpec | None = None, cache: ModelCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) of head i (0-based; head 0 predicts the next token)."""
-        rope = rope or self.rope(z.shape[1])
+        spec = spec or self.attention_spec(z.shape[1])
         head_cache = cache.heads[i] if cache is not None and cache.heads is not None else None
-        return self.heads.unembed(i, self.norm(self.heads.hidden(i, z, rope, head_cache)))
+        return self.heads.unembed(i, self.norm(self.heads.hidden(i, z, spec, head_cache)))
 
     def head_group(self, a: int, b: int, z: torch.Tensor, fn, *args):
         """fn(h, final-norm weight, norm eps, unembedding, *args) for heads a..b-1 at
@@ -404,7 +466,7 @@ class MTPTransformer(nn.Module):
         every parameter the loss touches is used inside one of the model's own methods:
         under FSDP (bytelm/train.py) `trunk`, `head_group` and `head_logits` are
         registered as forward methods, around which the parameters are all-gathered."""
-        h, unembedding = self.heads.group(a, b, z, self.rope(z.shape[1]))
+        h, unembedding = self.heads.group(a, b, z, self.attention_spec(z.shape[1]))
         return fn(h, self.norm.weight, self.norm.eps, unembedding, *args)
 
     def forward(self, idx: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
@@ -432,9 +494,9 @@ class MTPTransformer(nn.Module):
     def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor, cache: ModelCache, n_heads: int = 1) -> torch.Tensor:
         """Tokens idx (B, T) at absolute positions (B, T): writes their keys/values into
         the cache and returns the logits (B, T, n_heads, V) of the first n_heads heads."""
-        rope = self.rope(idx.shape[1], positions, cache.max_len)
-        z = self.trunk(idx, rope, cache)
-        return torch.stack([self.head_logits(i, z, rope, cache) for i in range(n_heads)], dim=2)
+        spec = self.attention_spec(idx.shape[1], positions, cache.max_len)
+        z = self.trunk(idx, spec, cache)
+        return torch.stack([self.head_logits(i, z, spec, cache) for i in range(n_heads)], dim=2)
 
     # -- accounting ------------------------------------------------------------------
 

@@ -156,18 +156,22 @@ def test_compiled_step_is_traced_once_per_shape(monkeypatch):
     eager = Decoder(model, heads=4, batch_size=2, max_len=64, cache_block=16).run(prompts, 20)
     torch._dynamo.reset()
     counters.clear()
+    limit = torch._dynamo.config.cache_size_limit
     decoder = Decoder(model, heads=4, batch_size=2, max_len=64, cache_block=16, compile=True)
-    shapes, real_step = set(), decoder.step
+    shapes, real_step = set(), decoder.engine.step
 
     def step(b, length=None):
         lb = real_step(b, length)
         shapes.add((b, lb))  # rows and length bucket (without CUDA graphs, b is the step's rows)
         return lb
 
-    monkeypatch.setattr(decoder, "step", step)
-    gen = decoder.run(prompts, 20)
+    monkeypatch.setattr(decoder.engine, "step", step)
+    with decoder:
+        assert torch._dynamo.config.cache_size_limit >= 1024
+        gen = decoder.run(prompts, 20)
     assert gen.tokens == eager.tokens and len(shapes) >= 3
     assert counters["stats"]["unique_graphs"] == len(shapes)
+    assert torch._dynamo.config.cache_size_limit == limit  # torch's own limit once the decoder is closed
 
 
 def test_speculative_acceptance_is_exercised():
@@ -224,7 +228,7 @@ def test_a_finished_decoder_frees_its_cache_without_the_cycle_collector():
         for k in (1, 3):
             dec = Decoder(model, heads=k, batch_size=2, max_len=64, sampling=Sampling(0.8, 0.95))
             dec.run(prompts_of_lengths(4, 6), 10, tokenizer=TOK, seed=1)
-            cache = weakref.ref(dec.cache)
+            cache = weakref.ref(dec.engine.cache)
             del dec
             assert cache() is None
     finally:
@@ -277,21 +281,24 @@ class _GraphRehearsal(Decoder):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._row_buckets = sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)})
+        engine = self.engine
+        engine._row_buckets = sorted({min(1 << i, self.B) for i in range(self.B.bit_length() + 1)})
 
-    def _capture(self, graphs, key, fn):
-        with self._preserved_inputs():
-            for _ in range(3):
-                fn(*key)
-        graphs[key] = SimpleNamespace(replay=lambda: fn(*key))
+        def capture(graphs, key, fn):
+            with engine._preserved_inputs():
+                for _ in range(3):
+                    fn(*key)
+            graphs[key] = SimpleNamespace(replay=lambda: fn(*key))
+
+        engine._capture = capture
 
 
 def test_length_buckets():
     model = trained_model("unembed")
     dec = Decoder(model, heads=2, batch_size=2, max_len=90, cache_block=8)
-    assert [dec._length_bucket(n) for n in (1, 8, 9, 17, 88, 89, 90)] == [8, 8, 16, 24, 88, 90, 90]
-    assert dec._length_bucket(None) == 90
-    assert Decoder(model, max_len=90)._length_bucket(3) == 90  # the default block (256) exceeds the cache
+    assert [dec.engine.length_bucket(n) for n in (1, 8, 9, 17, 88, 89, 90)] == [8, 8, 16, 24, 88, 90, 90]
+    assert dec.engine.length_bucket(None) == 90
+    assert Decoder(model, max_len=90).engine.length_bucket(3) == 90  # the default block (256) exceeds the cache
     with pytest.raises(UserError, match="cache block"):
         Decoder(model, cache_block=0)
 
@@ -316,7 +323,7 @@ def test_steps_over_a_cache_prefix_change_no_token(head_type, seed, stop):
         assert len({len(t) for t in a.tokens}) > 2  # rows end at different times
         assert a.stats.step_positions == 96 * a.stats.steps
         assert b.stats.step_positions < 0.7 * a.stats.step_positions
-        assert len({length for _, length in dec._views}) >= 3  # several length buckets
+        assert len({length for _, length in dec.engine._views}) >= 3  # several length buckets
 
 
 def test_sampling_over_a_cache_prefix_draws_the_same_samples():
@@ -330,7 +337,7 @@ def test_sampling_over_a_cache_prefix_draws_the_same_samples():
         a, b = ref.run(prompts, 40, tokenizer=TOK, seed=5), dec.run(prompts, 40, tokenizer=TOK, seed=5)
         assert b.tokens == a.tokens and b.finish == a.finish, (k, batch, cls.__name__)
         assert b.stats.step_positions < a.stats.step_positions
-        assert len({length for _, length in dec._views}) >= 3
+        assert len({length for _, length in dec.engine._views}) >= 3
     assert a.tokens != ref.run(prompts, 40, tokenizer=TOK, seed=6).tokens  # the samples depend on the seed
 
 
@@ -366,18 +373,18 @@ def test_graphed_prefills_give_the_eager_prefills_outputs(sampling, monkeypatch)
     """Graph mode captures small prefills with their prompts padded to a multiple of
     PREFILL_BLOCK (here 16, the cache 96): the tokens and samples are those of exact-length
     eager prefills, for first prefills and for refills of 1-3 slots, plain and speculative."""
-    import bytelm.generate as generate
+    import bytelm.step_engine as engine
 
     model = trained_model("transformer")
     prompts = prompts_of_lengths(10, 27, 3, 30, 19, 12, 5, 22, seed=7)
-    monkeypatch.setattr(generate, "PREFILL_BLOCK", 16)
+    monkeypatch.setattr(engine, "PREFILL_BLOCK", 16)
     for k, batch in ((1, 3), (3, 2), (4, 4)):
-        monkeypatch.setattr(generate, "PREFILL_GRAPH_TOKENS", 0)  # every prefill eager, exact length
+        monkeypatch.setattr(engine, "PREFILL_GRAPH_TOKENS", 0)  # every prefill eager, exact length
         ref = _GraphRehearsal(model, heads=k, batch_size=batch, max_len=96, sampling=sampling, refill_min=1)
         a = ref.run(prompts, 30, tokenizer=TOK, stop=["c"], seed=2)
-        monkeypatch.setattr(generate, "PREFILL_GRAPH_TOKENS", 4096)
+        monkeypatch.setattr(engine, "PREFILL_GRAPH_TOKENS", 4096)
         dec = _GraphRehearsal(model, heads=k, batch_size=batch, max_len=96, sampling=sampling, refill_min=1)
         b = dec.run(prompts, 30, tokenizer=TOK, stop=["c"], seed=2)
         assert b.tokens == a.tokens and b.finish == a.finish, (k, batch)
-        assert not ref._prefill_graphs
-        assert {T for _, T in dec._prefill_graphs} >= {16, 32} and all(T % 16 == 0 for _, T in dec._prefill_graphs)
+        assert not ref.engine._prefill_graphs
+        assert {T for _, T in dec.engine._prefill_graphs} >= {16, 32} and all(T % 16 == 0 for _, T in dec.engine._prefill_graphs)

@@ -49,6 +49,22 @@ def test_too_many_transformer_heads_is_a_clear_error():
         validate(cfg)
 
 
+def test_validate_checks_without_changing_the_config(tmp_path):
+    """validate only reads; YAML's `compile: true` becomes the field's string on loading."""
+    import copy
+
+    from bytelm.config import load_config
+
+    cfg = RunConfig()
+    cfg.train.compile = "True"
+    before = copy.deepcopy(cfg)
+    with pytest.raises(UserError, match="train.compile"):
+        validate(cfg)
+    assert cfg == before
+    (tmp_path / "c.yaml").write_text("train:\n  compile: true\n")
+    assert load_config(tmp_path / "c.yaml").train.compile == "true"
+
+
 def test_heads_are_causal():
     """Logits at position t must not depend on tokens after t (for every head)."""
     torch.manual_seed(0)
@@ -174,7 +190,7 @@ def test_the_cache_block_mask_reads_the_blocks_create_block_mask_reads():
         first = torch.randint(0, L, (12,), generator=g)
         first[:4] = torch.tensor([block - 1, block - 2, 0, L - 1])  # around a boundary, the start, the end
         positions = (first[:, None] + torch.arange(T)).clamp_max(L - 1)
-        ours = cache_block_mask(positions, L, block)
+        ours = cache_block_mask(positions, L, block=block)
         ref = create_block_mask(lambda b, h, q, kv: kv <= positions[b, q], len(first), None, T, L, device="cpu",
                                 BLOCK_SIZE=block)
         sees = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (rows, T, L)

@@ -299,6 +299,7 @@ class _Sampler:
                 for j, t in enumerate(gen.tokens):  # programs run while the next chunk generates
                     c = cut_at_stop(self.tokenizer.decode(t), spec.stop)
                     pending.append((chunk[j // n], j % n, c, ex.submit(chunk[j // n].job(c))))
+            decoder.close()
             del decoder
         records = []
         for p, i, c, future in pending:
