@@ -66,10 +66,10 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
     y = torch.randint(0, m.vocab_size, (t.batch_size, m.context, m.n_future))
     micro = t.micro_batch_size or t.batch_size
 
-    setup = StepSetup(model, optimizer, weights, micro, t.loss_mode, t.grad_clip, autocast, compiled=compiled)
+    setup = StepSetup(model, optimizer, micro, t.loss_mode, t.grad_clip, autocast, compiled=compiled)
 
     def step():
-        return optimizer_step(setup, x, y)
+        return optimizer_step(setup, x, y, weights)
 
     t0 = time.time()
     for _ in range(warmup):

@@ -22,7 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from bytelm.errors import UserError
 from bytelm.fileio import write_text
 
-HEAD_TYPES = ("transformer", "linear", "unembed")
+HEAD_TYPES = ("transformer", "linear", "unembed", "sequential")
+SCHEDULES = ("constant", "forward", "reverse", "linear", "cosine")
 TOKENIZERS = ("bytes", "bpe")
 PARALLEL = ("ddp", "fsdp")
 
@@ -49,11 +50,33 @@ class ModelConfig:
     context: int = 256
     vocab_size: int = 0  # 0 = taken from the tokenizer of the data
     n_future: int = 1
-    head_type: str = "transformer"  # transformer | linear | unembed
+    head_type: str = "transformer"  # transformer | linear | unembed | sequential
     match_params: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+
+
+@dataclass
+class MTPScheduleConfig:
+    """Each head's loss weight as a function of the step (bytelm/mtp_schedule.py,
+    docs/training.md): w_i(s) = loss_weights_i · f_i(s) · (extra_scale for heads 2..n),
+    where s counts the optimizer steps done before the step (0 for the first)."""
+
+    kind: str = "constant"  # constant | forward | reverse | linear | cosine
+    # forward / reverse: the number of heads trained (1..n, heads 1..k) in each of
+    # len(stages) equal stages over the first `share` of train.steps; the last stage's count
+    # holds after that. Empty: forward 1, 2, ..., n; reverse n, ..., 2, 1.
+    stages: list[int] = field(default_factory=list)
+    # forward / reverse: the share of training the stages span; linear / cosine: the share
+    # the ramp spans (the extra heads' factor goes from `start` at step 0 to `end` at step
+    # share · train.steps, and stays at `end` after).
+    share: float = 1.0
+    start: float = 1.0
+    end: float = 0.0
+    # Multiplies the loss weight of every head but the next-token head, at every step
+    # (Megatron's mtp_loss_scaling_factor; DeepSeek-V3's λ).
+    extra_scale: float = 1.0
 
 
 @dataclass
@@ -69,6 +92,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     loss_weights: list[float] = field(default_factory=list)  # empty = 1 per head
+    mtp_schedule: MTPScheduleConfig = field(default_factory=MTPScheduleConfig)
     loss_mode: str = "memory_efficient"  # memory_efficient | naive
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -233,7 +257,21 @@ def trunk_layers(m: ModelConfig) -> int:
     """Blocks in the shared trunk (see ModelConfig.n_layers)."""
     if m.head_type == "transformer":
         return m.n_layers - (m.n_future if m.match_params else 1)
+    if m.head_type == "sequential":  # head 1 reads the trunk; heads 2..n hold one block each
+        return m.n_layers - (m.n_future - 1 if m.match_params else 0)
     return m.n_layers
+
+
+def _validate_schedule(s: MTPScheduleConfig, n: int) -> None:
+    key = "train.mtp_schedule"
+    _require(s.kind in SCHEDULES, f"{key}.kind", f"must be one of {', '.join(SCHEDULES)}, got {s.kind!r}")
+    bad = [k for k in s.stages if not 1 <= k <= n]
+    _require(not bad, f"{key}.stages", f"asks for {bad[0] if bad else 0} heads but the model has model.n_future={n} "
+             "(each stage trains heads 1..k, 1 <= k <= n)")
+    _require(not s.stages or s.kind in ("forward", "reverse"), f"{key}.stages", "applies to kind forward or reverse only")
+    _require(0 < s.share <= 1, f"{key}.share", f"must be in (0, 1], got {s.share}")
+    for name in ("start", "end", "extra_scale"):
+        _require(getattr(s, name) >= 0, f"{key}.{name}", f"a weight must be >= 0, got {getattr(s, name)}")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -242,10 +280,13 @@ def validate(cfg: RunConfig) -> None:
     _require(m.n_future >= 1, "model.n_future", f"must be >= 1, got {m.n_future}")
     _require(m.head_type in HEAD_TYPES, "model.head_type", f"must be one of {', '.join(HEAD_TYPES)}, got {m.head_type!r}")
     _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
+    _require(m.head_type != "sequential" or m.n_future >= 2, "model.n_future",
+             "sequential heads need model.n_future >= 2 (head 1 is the trunk's own next-token head; "
+             "each further head is one sequential module)")
     _require(
         trunk_layers(m) >= 1,
         "model.n_future",
-        f"{m.n_future} transformer heads need more than {m.n_layers} layers when model.match_params=true "
+        f"{m.n_future} {m.head_type} heads need more than {m.n_layers} layers when model.match_params=true "
         f"(the trunk would keep {trunk_layers(m)} blocks); raise model.n_layers or lower model.n_future",
     )
     _require(m.d_model >= 1 and m.n_heads >= 1, "model.d_model", "d_model and n_heads must be >= 1")
@@ -269,6 +310,7 @@ def validate(cfg: RunConfig) -> None:
         f"has {len(t.loss_weights)} weights for {m.n_future} heads (leave it empty for 1 per head)",
     )
     _require(all(w >= 0 for w in t.loss_weights), "train.loss_weights", "weights must be >= 0")
+    _validate_schedule(t.mtp_schedule, m.n_future)
     _require(t.loss_mode in ("memory_efficient", "naive"), "train.loss_mode", "must be memory_efficient or naive")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _require(t.dtype in ("auto", "float32", "bfloat16"), "train.dtype", "must be auto, float32 or bfloat16")

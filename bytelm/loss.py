@@ -34,7 +34,7 @@ LOGITS_PER_GROUP = 32768
 @dataclass
 class StepLoss:
     total: float  # Σ_i w_i · loss_i
-    per_head: list[float]  # mean CE (nats per target) of each head
+    per_head: list[float]  # mean CE (nats per target) of each head; nan for a head the step skipped
 
 
 def _norm_unembed_nll(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, unembedding: torch.Tensor,
@@ -59,9 +59,23 @@ def _nll_fn(compiled: bool):
     return _compiled_nll
 
 
-def head_groups(n: int, vocab: int) -> list[tuple[int, int]]:
+def head_groups(n: int, vocab: int, weights: list[float] | None = None) -> list[tuple[int, int]]:
+    """Ranges [a, b) of heads whose logits are computed together: runs of consecutive
+    heads with a nonzero weight (all n heads without `weights`), cut to fit
+    LOGITS_PER_GROUP. A zero-weight head is in none."""
     g = max(1, LOGITS_PER_GROUP // vocab)
-    return [(a, min(a + g, n)) for a in range(0, n, g)]
+    live = [weights is None or weights[i] != 0 for i in range(n)]
+    out, i = [], 0
+    while i < n:
+        if not live[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and live[j] and j - i < g:
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
 
 
 def _group_loss(model: MTPTransformer, a: int, b: int, z: torch.Tensor, y: torch.Tensor, compiled: bool):
@@ -84,33 +98,82 @@ def loss_and_backward(
     compiled: bool = False,
 ) -> StepLoss:
     """Computes the weighted multi-token loss of one micro-batch and accumulates
-    `scale ×` its gradient into the parameters' .grad (scale = 1/accumulation steps)."""
+    `scale ×` its gradient into the parameters' .grad (scale = 1/accumulation steps).
+    Heads of weight 0 are skipped: neither their logits nor their backward are computed
+    (sequential heads: those before the last nonzero weight still give their state to
+    the next head)."""
+    if mode not in ("memory_efficient", "naive"):
+        raise ValueError(f"unknown loss mode {mode!r}")
     ctx = autocast or contextlib.nullcontext()
     n = len(weights)
+    per_head = [math.nan] * n
+    groups = head_groups(n, model.cfg.vocab_size, weights)
+    if model.heads.sequential:
+        groups = [(i, i + 1) for a, b in groups for i in range(a, b)]  # each head has its own state
 
     def weighted(losses: torch.Tensor, a: int, b: int) -> torch.Tensor:
         return (torch.tensor(weights[a:b], device=losses.device, dtype=losses.dtype) * losses).sum()
 
+    def total() -> float:
+        return sum(weights[i] * per_head[i] for a, b in groups for i in range(a, b))
+
+    if not groups:
+        return StepLoss(0.0, per_head)
     if mode == "naive":
         with ctx:
-            losses = _group_loss(model, 0, n, model.trunk(x), y, compiled)
-            total = weighted(losses, 0, n)
-        (total * scale).backward()
-        return StepLoss(float(total.detach()), losses.detach().tolist())
-    if mode != "memory_efficient":
-        raise ValueError(f"unknown loss mode {mode!r}")
+            z = model.trunk(x)
+            if model.heads.sequential:
+                inputs = dict(model.head_inputs(z, y, groups[-1][1]))
+                losses = torch.cat([_group_loss(model, a, b, inputs[a], y, compiled) for a, b in groups])
+            else:
+                losses = torch.cat([_group_loss(model, a, b, z, y, compiled) for a, b in groups])
+            live = [i for a, b in groups for i in range(a, b)]
+            loss = (torch.tensor([weights[i] for i in live], device=losses.device, dtype=losses.dtype) * losses).sum()
+        (loss * scale).backward()
+        for i, v in zip(live, losses.detach().tolist()):
+            per_head[i] = v
+        return StepLoss(float(loss.detach()), per_head)
     with ctx:
         z = model.trunk(x)
     z_detached = z.detach().requires_grad_(True)
-    per_head = []
-    for a, b in head_groups(n, model.cfg.vocab_size):
+    if model.heads.sequential:
+        _sequential_backward(model, z_detached, y, weights, groups, scale, ctx, compiled, per_head)
+    else:
+        for a, b in groups:
+            with ctx:
+                losses = _group_loss(model, a, b, z_detached, y, compiled)
+            # Backward now: this group's logits and their gradient are freed before the next.
+            (weighted(losses, a, b) * scale).backward()
+            per_head[a:b] = losses.detach().tolist()
+    if z_detached.grad is not None:
+        z.backward(z_detached.grad)
+    return StepLoss(total(), per_head)
+
+
+def _sequential_backward(model, z, y, weights, groups, scale, ctx, compiled, per_head) -> None:
+    """The memory-efficient order for sequential heads: each depth's state is computed
+    from the previous depth's, detached, and each head's loss is backpropagated into its
+    state at once (its logits freed before the next head); then the depths are
+    backpropagated from the last to the first, each adding its input's gradient to the
+    depth before it, and the caller backpropagates z's into the trunk. Only one head's
+    logits are alive at a time; the depth modules' activations stay until their backward
+    (as the trunk's blocks' do)."""
+    depths = []  # (state with its graph, the same state detached)
+    h = z
+    for a, _ in groups:
+        while len(depths) < a:  # depths up to head a (zero-weight ones included: head a needs them)
+            i = len(depths) + 1
+            with ctx:
+                out = model.head_depth(i, h, y[..., i - 1])
+            h = out.detach().requires_grad_(True)
+            depths.append((out, h))
         with ctx:
-            losses = _group_loss(model, a, b, z_detached, y, compiled)
-        # Backward now: this group's logits and their gradient are freed before the next.
-        (weighted(losses, a, b) * scale).backward()
-        per_head += losses.detach().tolist()
-    z.backward(z_detached.grad)
-    return StepLoss(sum(wi * l for wi, l in zip(weights, per_head)), per_head)
+            loss = _group_loss(model, a, a + 1, h, y, compiled)
+        (weights[a] * loss.sum() * scale).backward()
+        per_head[a] = float(loss.detach())
+    for out, state in reversed(depths):
+        if state.grad is not None:
+            out.backward(state.grad)
 
 
 @dataclass
@@ -155,9 +218,10 @@ def accumulate_head_stats(
     ctx = autocast or contextlib.nullcontext()
     with ctx:
         z = model.trunk(x)
-    for i in range(len(stats.nll)):
+        inputs = list(model.head_inputs(z, y, len(stats.nll)))
+    for i, h in inputs:
         with ctx:
-            logits = upcast(model.head_logits(i, z))
+            logits = upcast(model.head_logits(i, h))
         t = y[..., i]
         valid = t != IGNORE
         nll = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -14,6 +14,10 @@ Head types (`model.head_type`), each one class behind `Heads`:
 - `linear`: one d×d linear map per head, shared unembedding (paper Table S4).
 - `unembed`: no per-head layer, one unembedding per head, an (n·V × d) output matrix (the
   paper's choice for byte models, cheap because V is small).
+- `sequential`: DeepSeek-V3's MTP modules (§2.2). Head 1 reads z; head i > 1 is a module
+  that takes RMSNorm(head i-1's state) ‖ RMSNorm(Emb(x_{t+i-1})), projects 2d → d and runs
+  one transformer block, so each head sees the one before it and the true token between
+  them (under teacher forcing; a drafted one when decoding). Shared unembedding.
 """
 
 from __future__ import annotations
@@ -277,6 +281,11 @@ class Heads(nn.Module):
 
     n: int
     attends = False  # True when heads hold attention layers (and so need KV caches)
+    sequential = False  # True when head i reads head i-1's state (SequentialHeads)
+
+    def units(self) -> list[nn.Module]:
+        """The modules compiled and FSDP-sharded one by one, as the trunk's blocks are."""
+        return []
 
     def hidden(self, i: int, z: torch.Tensor, spec: AttentionSpec, cache: KVStore | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -304,6 +313,9 @@ class TransformerHeads(Heads):
         self.n = cfg.n_future
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(self.n))
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def units(self):
+        return list(self.blocks)
 
     def hidden(self, i, z, spec, cache=None):
         return self.blocks[i](z, spec, cache)
@@ -349,7 +361,52 @@ class UnembedHeads(Heads):
         return 2 * self.vocab * cfg.d_model
 
 
-HEADS: dict[str, type[Heads]] = {"transformer": TransformerHeads, "linear": LinearHeads, "unembed": UnembedHeads}
+class SequentialModule(nn.Module):
+    """One depth of DeepSeek-V3's multi-token prediction: h' = W [RMSNorm(h); RMSNorm(e)],
+    then one transformer block; h is the previous depth's state, e the embedding of the
+    token the previous depth predicts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, spec: AttentionSpec, cache: KVStore | None = None) -> torch.Tensor:
+        return self.block(self.proj(torch.cat([self.hnorm(h), self.enorm(e)], dim=-1)), spec, cache)
+
+
+class SequentialHeads(Heads):
+    """Head 1 is z; head i > 1 is module i-1 (`depths[i-2]`) on head i-1's state and the
+    embedding of x_{t+i-1} (MTPTransformer.head_depth). Every head's state is computed
+    before `hidden`, which passes it through: `hidden(i, h)` is h, the state of depth i."""
+
+    attends = True
+    sequential = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n = cfg.n_future
+        self.depths = nn.ModuleList(SequentialModule(cfg) for _ in range(self.n - 1))
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def units(self):
+        return list(self.depths)
+
+    def hidden(self, i, z, spec, cache=None):
+        return z
+
+    def flops_per_token(self, i, cfg, seq_len):
+        unembed = 2 * self.output.weight.numel()
+        if i == 0:
+            return unembed
+        d = self.depths[i - 1]
+        return d.block.flops_per_token(cfg, seq_len) + 2 * d.proj.weight.numel() + unembed
+
+
+HEADS: dict[str, type[Heads]] = {"transformer": TransformerHeads, "linear": LinearHeads, "unembed": UnembedHeads,
+                                 "sequential": SequentialHeads}
 
 
 # ----------------------------------------------------------------------------- model
@@ -379,10 +436,14 @@ class MTPTransformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
         self.n_future = cfg.n_future
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(trunk_layers(cfg)))
-        self.heads = HEADS[cfg.head_type](cfg)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # shared by all heads
+        # The layers' own initialisations, which reset_parameters replaces, draw from a
+        # forked generator: the weights then depend only on the seed and on
+        # reset_parameters' draws, not on how much the heads' constructors drew.
+        with torch.random.fork_rng(devices=[]):
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(trunk_layers(cfg)))
+            self.heads = HEADS[cfg.head_type](cfg)
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # shared by all heads
         cos, sin = rope_tables(cfg.context, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -396,7 +457,13 @@ class MTPTransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
-            if name.endswith(("wo.weight", "w2.weight")):
+            if isinstance(self.heads, UnembedHeads) and name == "heads.output.weight":
+                # Head by head: head 1 then starts as an n = 1 model's head does, whatever
+                # n (the trunk draws the same numbers before it), so a forward
+                # curriculum's first stage is an n = 1 run (tests/test_mtp_schedule.py).
+                for w in p.split(self.cfg.vocab_size):
+                    nn.init.normal_(w, 0.0, std)
+            elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * depth))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -453,10 +520,35 @@ class MTPTransformer(nn.Module):
             x = block(x, spec, cache.trunk[j] if cache is not None else None)
         return x
 
+    def head_depth(self, i: int, h: torch.Tensor, tokens: torch.Tensor, spec: AttentionSpec | None = None,
+                   cache: ModelCache | None = None) -> torch.Tensor:
+        """Sequential heads: the state of head i (0-based, i >= 1) from head i-1's state h
+        (B, T, d) and the tokens x_{t+i} (B, T) that head i-1 predicts (an ignored target,
+        -100, reads token 0: its position's later targets are ignored too). A method of the
+        model because it reads the shared embedding (see head_group on FSDP)."""
+        spec = spec or self.attention_spec(h.shape[1])
+        head_cache = cache.heads[i - 1] if cache is not None else None
+        return self.heads.depths[i - 1](h, self.tok_emb(tokens.clamp(min=0)), spec, head_cache)
+
+    def head_inputs(self, z: torch.Tensor, future: torch.Tensor | None, k: int, spec: AttentionSpec | None = None):
+        """Yields (i, input of head i) for i = 0..k-1, the input `head_logits(i, ·)` and
+        `head_group(i, i + 1, ·)` take: z for parallel heads; for sequential heads, the
+        state of depth i under teacher forcing, `future` (B, T, >= k-1) holding the true
+        tokens x_{t+1}, x_{t+2}, ... (the targets y)."""
+        h = z
+        for i in range(k):
+            if i and self.heads.sequential:
+                if future is None:
+                    raise ValueError("sequential heads past the first need the future tokens (the targets)")
+                h = self.head_depth(i, h, future[..., i - 1], spec)
+            yield i, h
+
     def head_logits(self, i: int, z: torch.Tensor, spec: AttentionSpec | None = None, cache: ModelCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) of head i (0-based; head 0 predicts the next token)."""
+        """Logits (B, T, V) of head i (0-based; head 0 predicts the next token) from its
+        input z (for sequential heads, the state of depth i: `head_inputs`)."""
         spec = spec or self.attention_spec(z.shape[1])
-        head_cache = cache.heads[i] if cache is not None and cache.heads is not None else None
+        # (a sequential head's state is computed, with its cache, by head_depth)
+        head_cache = cache.heads[i] if cache is not None and cache.heads is not None and not self.heads.sequential else None
         return self.heads.unembed(i, self.norm(self.heads.hidden(i, z, spec, head_cache)))
 
     def head_group(self, a: int, b: int, z: torch.Tensor, fn, *args):
@@ -469,11 +561,13 @@ class MTPTransformer(nn.Module):
         h, unembedding = self.heads.group(a, b, z, self.attention_spec(z.shape[1]))
         return fn(h, self.norm.weight, self.norm.eps, unembedding, *args)
 
-    def forward(self, idx: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
-        """Logits (B, T, k, V) of the first k = n_heads heads (default all), no cache."""
+    def forward(self, idx: torch.Tensor, n_heads: int | None = None, future: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, k, V) of the first k = n_heads heads (default all), no cache.
+        Sequential heads past the first read the true future tokens `future` (the targets
+        y, B × T × >= k-1)."""
         k = self.n_future if n_heads is None else n_heads
         z = self.trunk(idx)
-        return torch.stack([self.head_logits(i, z) for i in range(k)], dim=2)
+        return torch.stack([self.head_logits(i, h) for i, h in self.head_inputs(z, future, k)], dim=2)
 
     # -- decoding with a static KV cache ------------------------------------------
 
@@ -489,7 +583,7 @@ class MTPTransformer(nn.Module):
         def make(n):
             return [KVCache(batch, hkv, max_len, hd, device, dtype) for _ in range(n)]
 
-        return ModelCache(make(len(self.blocks)), make(self.n_future) if self.heads.attends else None)
+        return ModelCache(make(len(self.blocks)), make(len(self.heads.units())) if self.heads.attends else None)
 
     def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor, cache: ModelCache, n_heads: int = 1) -> torch.Tensor:
         """Tokens idx (B, T) at absolute positions (B, T): writes their keys/values into

@@ -40,6 +40,7 @@ from bytelm.config import RunConfig, load_config, save_config, to_dict
 from bytelm.errors import UserError
 from bytelm.loss import HeadStats, accumulate_head_stats, loss_and_backward
 from bytelm.model import MTPTransformer
+from bytelm.mtp_schedule import head_weights
 from bytelm.shards import ShardDataset
 
 # Dense bf16 datasheet peak FLOP/s per GPU, for MFU. (H100 SXM: 989 too.)
@@ -115,7 +116,7 @@ def compile_model(model: MTPTransformer) -> None:
     checkpoints) stay unchanged and the memory-efficient loss can still call the trunk
     and each head separately. (Compiling the whole trunk as one graph measured the same
     step time on the H200: docs/benchmarks.md.)"""
-    for block in list(model.blocks) + list(getattr(model.heads, "blocks", [])):
+    for block in list(model.blocks) + model.heads.units():
         block.compile()
 
 
@@ -130,7 +131,7 @@ def make_optimizer(model: MTPTransformer, cfg: RunConfig, device: torch.device) 
 # The model's methods the loss and the evaluation call instead of its forward: under FSDP
 # they are registered as forward methods, so that the root's parameters (embedding,
 # unembedding(s), final norm, linear heads' maps) are all-gathered around them.
-FSDP_FORWARD_METHODS = ("trunk", "head_group", "head_logits")
+FSDP_FORWARD_METHODS = ("trunk", "head_group", "head_logits", "head_depth")
 
 
 def shard_model(model: MTPTransformer, device: torch.device, world: int) -> None:
@@ -147,7 +148,7 @@ def shard_model(model: MTPTransformer, device: torch.device, world: int) -> None
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (world,))
-    for block in list(model.blocks) + list(getattr(model.heads, "blocks", [])):
+    for block in list(model.blocks) + model.heads.units():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for later, earlier in zip(model.blocks[1:], model.blocks[:-1]):
@@ -251,7 +252,6 @@ class StepSetup:
 
     model: MTPTransformer
     optimizer: torch.optim.Optimizer
-    weights: list[float]
     micro: int
     loss_mode: str
     grad_clip: float
@@ -261,9 +261,12 @@ class StepSetup:
     sharded: bool = False
 
 
-def optimizer_step(s: StepSetup, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[float, list[float], float]:
+def optimizer_step(s: StepSetup, x_all: torch.Tensor, y_all: torch.Tensor,
+                   weights: list[float]) -> tuple[float, list[float], float]:
     """One optimizer step over this rank's share of the global batch, in micro-batches
-    of `s.micro` sequences. Returns (loss, per-head losses, gradient norm before clipping).
+    of `s.micro` sequences, with the heads' loss weights of this step (mtp_schedule).
+    Returns (loss, per-head losses (nan for a head of weight 0), gradient norm before
+    clipping).
     A non-finite gradient skips the update (the caller stops the run)."""
     accum = len(x_all) // s.micro
     device = next(s.model.parameters()).device
@@ -271,14 +274,14 @@ def optimizer_step(s: StepSetup, x_all: torch.Tensor, y_all: torch.Tensor) -> tu
     for a in range(accum):
         x = x_all[a * s.micro : (a + 1) * s.micro].to(device, non_blocking=True)
         y = y_all[a * s.micro : (a + 1) * s.micro].to(device, non_blocking=True)
-        losses.append(loss_and_backward(s.model, x, y, s.weights, s.loss_mode, 1.0 / accum,
+        losses.append(loss_and_backward(s.model, x, y, weights, s.loss_mode, 1.0 / accum,
                                         s.autocast() if s.autocast else None, s.compiled))
     if s.world > 1 and not s.sharded:
         all_reduce_grads(s.model, s.world)
     norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
     grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a DTensor under FSDP
     total = sum(l.total for l in losses) / accum
-    per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(s.weights))]
+    per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(weights))]
     if s.world > 1:  # the logged loss is that of the global batch, not of this rank's share
         both = torch.tensor([total, *per_head], dtype=torch.float64, device=device)
         dist.all_reduce(both)
@@ -287,6 +290,18 @@ def optimizer_step(s: StepSetup, x_all: torch.Tensor, y_all: torch.Tensor) -> tu
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return total, per_head, grad_norm
+
+
+def window_head_losses(window: list[tuple[float, list[float]]], n: int) -> dict[str, float]:
+    """Each head's mean loss over the steps of the logging window that trained it (a
+    head a schedule left out, weight 0, has a nan loss for that step); a head no step of
+    the window trained is left out."""
+    out = {}
+    for i in range(n):
+        trained = [w[1][i] for w in window if not math.isnan(w[1][i])]
+        if trained:
+            out[f"loss/head_{i + 1}"] = float(np.mean(trained))
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -326,7 +341,6 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     if t.batch_size % (micro * d.world):
         raise UserError(f"config key 'train.batch_size': {t.batch_size} is not a multiple of micro_batch_size {micro} × {d.world} processes")
     accum = t.batch_size // (micro * d.world)
-    weights = list(t.loss_weights) or [1.0] * m.n_future
 
     run_dir = Path(run_dir)
     start = ckpt.list_checkpoints(run_dir)
@@ -361,7 +375,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
         state.update(ckpt.read_state(start[-1]))
         state.pop("tokenizer", None)
     autocast = autocast_for(cfg, device)
-    step_setup = StepSetup(model, optimizer, weights, micro, t.loss_mode, t.grad_clip, autocast, d.world, compiled, fsdp)
+    step_setup = StepSetup(model, optimizer, micro, t.loss_mode, t.grad_clip, autocast, d.world, compiled, fsdp)
 
     counts = model.param_counts()
     flops_tok = model.flops_per_token(m.context)
@@ -406,7 +420,8 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
         while state["step"] < t.steps:
             step = state["step"]
             x_all, y_all = train_ds.batch(step, m.context, m.n_future, t.batch_size, t.seed, d.rank, d.world)
-            total, per_head, grad_norm = optimizer_step(step_setup, x_all, y_all)
+            weights = head_weights(t, m.n_future, step)
+            total, per_head, grad_norm = optimizer_step(step_setup, x_all, y_all, weights)
             if not math.isfinite(total) or not math.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite loss ({total}) or gradient norm ({grad_norm}) at step {step}")
             scheduler.step()
@@ -430,7 +445,8 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                 dt = max(time.time() - tic, 1e-9)
                 row = {
                     "loss": float(np.mean([w[0] for w in window])),
-                    **{f"loss/head_{i + 1}": float(np.mean([w[1][i] for w in window])) for i in range(m.n_future)},
+                    **window_head_losses(window, m.n_future),
+                    **{f"mtp/weight/head_{i + 1}": w for i, w in enumerate(weights)},
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / dt,

@@ -113,13 +113,15 @@ def test_fsdp_matches_one_process_and_checkpoints_move_between_them(smoke_data, 
         assert_same_losses({s: one[s] for s in range(5, 9)}, rows(tmp_path / resumed), range(5, 9))
 
 
-def test_fsdp_with_head_blocks_and_one_backward_per_head(smoke_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
+def test_fsdp_with_head_blocks_and_one_backward_per_head(smoke_data, tmp_path, monkeypatch, head_type):
     """Transformer heads (each head block its own FSDP unit) with every head its own
     group of the memory-efficient loss (one backward per head, then the trunk's, each
-    reduce-scattering; the root is gathered again for every head): the same losses and
-    validation as one process."""
+    reduce-scattering; the root is gathered again for every head), and sequential heads
+    (each module a unit; its backward comes after every head's, and reads the root's
+    shared embedding): the same losses and validation as one process."""
     common = [f"data.root={smoke_data}", *COMMON, "train.steps=4", "train.eval_every=4", "model.n_future=2",
-              "model.n_layers=4", "model.head_type=transformer"]
+              "model.n_layers=4", f"model.head_type={head_type}"]
     monkeypatch.setattr(bytelm.loss, "LOGITS_PER_GROUP", 1)
     train(load_config(SMOKE, common), tmp_path / "one")
     script = tmp_path / "one_head_per_group.py"

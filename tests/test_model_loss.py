@@ -1,6 +1,7 @@
 """Model shapes, parameter matching, KV cache, and the two loss orders."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from bytelm.model import MTPTransformer
 
 
 def tiny(head_type="transformer", n=2, **kw):
-    base = dict(n_layers=3 if head_type != "transformer" else max(3, n + 1), d_model=32, n_heads=4, context=64,
+    base = dict(n_layers=3 if head_type not in ("transformer", "sequential") else max(3, n + 1), d_model=32, n_heads=4, context=64,
                 vocab_size=50, n_future=n, head_type=head_type)
     base.update(kw)
     return ModelConfig(**base)
@@ -26,12 +27,13 @@ def random_targets(x, n, p_mask=0.1, seed=0):
     return y
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear", "unembed"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "unembed", "sequential"])
 def test_forward_shapes(head_type):
     torch.manual_seed(0)
     m = MTPTransformer(tiny(head_type, n=3))
     x = torch.randint(0, 50, (2, 10))
-    assert m(x).shape == (2, 10, 3, 50)
+    y = random_targets(x, 3)
+    assert m(x, future=y).shape == (2, 10, 3, 50)
     assert m(x, n_heads=1).shape == (2, 10, 1, 50)
 
 
@@ -114,7 +116,8 @@ def test_kv_cache_rows_advance_independently():
     assert torch.allclose(out, full[:, 6:8], atol=1e-10)
 
 
-@pytest.mark.parametrize("head_type,n", [("transformer", 1), ("transformer", 4), ("linear", 3), ("unembed", 8), ("unembed", 32), ("linear", 32)])
+@pytest.mark.parametrize("head_type,n", [("transformer", 1), ("transformer", 4), ("linear", 3), ("unembed", 8), ("unembed", 32),
+                                         ("linear", 32), ("sequential", 2), ("sequential", 4)])
 @pytest.mark.parametrize("heads_per_group", [1, 3])
 def test_memory_efficient_loss_equals_naive(head_type, n, heads_per_group, monkeypatch):
     """Same loss and same gradients, float64 on CPU, random model and data; heads
@@ -165,6 +168,96 @@ def test_flops_and_params_are_consistent():
     assert extra == 3 * 7 * 2 * 50 * 32  # 7 more unembeddings, fwd+bwd
     pc = m8.param_counts()
     assert pc["params"] - pc["params_non_embedding"] == 50 * 32 + 8 * 50 * 32
+
+
+def reference_loss(m, x, y, w):
+    """Σ_i w_i · CE_i straight from the model's forward (every head's logits)."""
+    logits = m(x, future=y)
+    per_head = [torch.nn.functional.cross_entropy(logits[:, :, i].flatten(0, 1), y[..., i].flatten(), ignore_index=IGNORE)
+                for i in range(len(w))]
+    return sum(wi * l for wi, l in zip(w, per_head)), per_head
+
+
+@pytest.mark.parametrize("head_type,n", [("unembed", 4), ("linear", 4), ("transformer", 4), ("sequential", 4)])
+@pytest.mark.parametrize("w", [[1.0, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.3, 1.0, 0.2]])
+@pytest.mark.parametrize("mode", ["memory_efficient", "naive"])
+def test_zero_weight_heads_are_skipped_with_the_gradients_of_weight_zero(head_type, n, w, mode, monkeypatch):
+    """A head of weight 0 is not computed: its loss is nan and its own parameters get no
+    gradient; every gradient equals that of the full loss with the weight 0 (float64)."""
+    monkeypatch.setattr("bytelm.loss.LOGITS_PER_GROUP", 100)  # groups of 2 heads: runs get cut too
+    torch.manual_seed(5)
+    m1 = MTPTransformer(tiny(head_type, n=n, n_layers=n + 1, context=48)).double()
+    m2 = copy.deepcopy(m1)
+    x = torch.randint(0, 50, (2, 40))
+    y = random_targets(x, n)
+    total, per_head = reference_loss(m1, x, y, w)
+    (0.5 * total).backward()
+    got = loss_and_backward(m2, x, y, w, mode=mode, scale=0.5)
+    assert got.total == pytest.approx(float(total.detach()), rel=1e-12)
+    for i in range(n):
+        if w[i]:
+            assert got.per_head[i] == pytest.approx(float(per_head[i]), rel=1e-12)
+        else:
+            assert math.isnan(got.per_head[i])
+    for (name, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        if p2.grad is None:
+            assert not p1.grad.any(), name  # a skipped head's parameters: the full loss gives them 0 too
+        else:
+            assert torch.allclose(p1.grad, p2.grad, rtol=1e-9, atol=1e-12), name
+    own = {"linear": "heads.maps.{}.", "transformer": "heads.blocks.{}.", "sequential": "heads.depths.{}."}.get(head_type)
+    if own:
+        last = max(i for i in range(n) if w[i])
+        for i in range(n):
+            depth = i - 1 if head_type == "sequential" else i
+            if depth < 0:
+                continue
+            # a sequential head before the last trained one still gives its state to the next
+            used = i <= last if head_type == "sequential" else w[i] != 0
+            grads = [p.grad for k, p in m2.named_parameters() if k.startswith(own.format(depth))]
+            assert all((g is not None) == used for g in grads), (i, used)
+
+
+def test_sequential_heads_compute_deepseeks_modules():
+    """Head i+1's logits = unembed(norm(block(proj([hnorm(state of head i); enorm(emb(x_{t+i}))])))),
+    written out here; head 1 reads z; only the true tokens up to x_{t+i} reach head i+1 at t."""
+    torch.manual_seed(6)
+    m = MTPTransformer(tiny("sequential", n=3, n_layers=4)).double().eval()
+    x = torch.randint(0, 50, (2, 12))
+    y = random_targets(x, 3, p_mask=0.0)
+    logits = m(x, future=y)
+    F = torch.nn.functional
+    z = m.trunk(x)
+    h, rope = z, m.rope(12)
+    for i in range(3):
+        if i:
+            mod = m.heads.depths[i - 1]
+            cat = torch.cat([mod.hnorm(h), mod.enorm(m.tok_emb(y[..., i - 1]))], dim=-1)
+            h = mod.block(F.linear(cat, mod.proj.weight), rope)
+        assert torch.allclose(logits[:, :, i], F.linear(m.norm(h), m.heads.output.weight), atol=1e-12)
+    # causal in the inputs, and head i+1 at t reads the future tokens x_{t+1..t+i} only
+    x2, y2 = x.clone(), y.clone()
+    x2[:, 7:] = (x2[:, 7:] + 1) % 50
+    y2[:, 7:] = (y2[:, 7:] + 1) % 50
+    y2[:, :7, 2] = (y2[:, :7, 2] + 1) % 50  # x_{t+3}: no head of a 3-head model reads it
+    assert torch.allclose(m(x2, future=y2)[:, :7], logits[:, :7])
+    y3 = y.clone()
+    y3[:, 3, 0] = (y3[:, 3, 0] + 1) % 50
+    l3 = m(x, future=y3)
+    assert torch.allclose(l3[:, :, 0], logits[:, :, 0])
+    assert not torch.allclose(l3[:, 3, 1], logits[:, 3, 1])
+
+
+def test_sequential_heads_match_params_in_blocks():
+    """match_params: the trunk gives up one block per sequential module (head 1 has none),
+    so the models differ only by the modules' projections and norms."""
+    d = 32
+    counts = {n: MTPTransformer(tiny("sequential", n=n, n_layers=6) if n > 1 else tiny("unembed", n=1, n_layers=6)).param_counts()
+              for n in (1, 2, 4)}
+    for n in (2, 4):
+        assert counts[n]["params"] - counts[1]["params"] == (n - 1) * (2 * d * d + 2 * d)
+        assert counts[n]["params_trunk"] == counts[1]["params_trunk"] * (6 - n + 1) // 6
+    bigger = MTPTransformer(tiny("sequential", n=4, n_layers=6, match_params=False)).param_counts()
+    assert bigger["params_trunk"] == counts[1]["params_trunk"]
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

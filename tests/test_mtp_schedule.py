@@ -1,0 +1,159 @@
+"""Head-weight schedules (train.mtp_schedule): exact weights at their boundary steps, a
+forward curriculum's head-1 stage equal to an n = 1 run, exact resume mid-schedule, and
+one clear error for a bad setting."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bytelm import checkpoint as ckpt
+from bytelm.config import load_config
+from bytelm.errors import UserError
+from bytelm.mtp_schedule import head_weights
+from bytelm.shards import ShardDataset
+from bytelm.tracking import read_jsonl
+from bytelm.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+
+
+def train_cfg(n, *overrides, steps=100):
+    return load_config(None, ["model.head_type=unembed", f"model.n_future={n}", f"train.steps={steps}", *overrides]).train
+
+
+def weights_at(t, n, steps):
+    return {s: head_weights(t, n, s) for s in steps}
+
+
+def test_forward_and_reverse_stages_start_exactly_at_their_boundaries():
+    # 100 steps, share 0.5: a span of 50 steps in 4 stages starting at 0, 12, 25, 37
+    t = train_cfg(4, "train.mtp_schedule.kind=forward", "train.mtp_schedule.share=0.5")
+    w = weights_at(t, 4, [0, 11, 12, 24, 25, 36, 37, 49, 50, 99])
+    assert w[0] == w[11] == [1, 0, 0, 0]
+    assert w[12] == w[24] == [1, 1, 0, 0]
+    assert w[25] == w[36] == [1, 1, 1, 0]
+    assert w[37] == w[49] == w[50] == w[99] == [1, 1, 1, 1]
+    t = train_cfg(4, "train.mtp_schedule.kind=reverse", "train.mtp_schedule.share=0.5")
+    w = weights_at(t, 4, [0, 11, 12, 25, 37, 50, 99])
+    assert w[0] == w[11] == [1, 1, 1, 1] and w[12] == [1, 1, 1, 0] and w[25] == [1, 1, 0, 0]
+    assert w[37] == w[50] == w[99] == [1, 0, 0, 0]
+    # explicit stages, base weights and the extra heads' scale
+    t = train_cfg(4, "train.mtp_schedule.kind=forward", "train.mtp_schedule.stages=[1,3]",
+                  "train.loss_weights=[2.0,1.0,0.5,1.0]", "train.mtp_schedule.extra_scale=0.1")
+    w = weights_at(t, 4, [0, 49, 50, 99])
+    assert w[0] == w[49] == [2.0, 0.0, 0.0, 0.0]
+    assert w[50] == w[99] == [2.0, 0.1, 0.05, 0.0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ramps_reach_their_stated_weights(kind):
+    t = train_cfg(3, f"train.mtp_schedule.kind={kind}", "train.mtp_schedule.share=0.4", "train.mtp_schedule.start=1.0",
+                  "train.mtp_schedule.end=0.3", "train.mtp_schedule.extra_scale=0.5")
+    w = weights_at(t, 3, [0, 10, 20, 39, 40, 41, 99])
+    assert w[0] == [1.0, 0.5, 0.5]
+    assert w[20] == pytest.approx([1.0, 0.325, 0.325], abs=1e-15)  # halfway: (1 + 0.3) / 2 · 0.5, both ramps
+    assert w[40] == w[41] == w[99] == [1.0, 0.15, 0.15]  # end · scale, exactly, from the span's end on
+    quarter = 0.25 if kind == "linear" else (1 - math.cos(math.pi / 4)) / 2
+    assert w[10][1] == pytest.approx((1.0 + (0.3 - 1.0) * quarter) * 0.5, abs=1e-15)
+    assert w[0][1] > w[10][1] > w[20][1] > w[39][1] > w[40][1]
+    t = train_cfg(3, "train.mtp_schedule.extra_scale=0.1")  # constant, Megatron's default factor
+    assert head_weights(t, 3, 0) == head_weights(t, 3, 99) == [1.0, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.mtp_schedule.stages=[1,2,5]", "train.mtp_schedule.stages"),  # more heads than the model's 4
+    ("train.mtp_schedule.end=-0.1", "train.mtp_schedule.end"),
+    ("train.loss_weights=[1.0,-1.0,1.0,1.0]", "train.loss_weights"),
+    ("model.head_type=sequential model.n_future=1", "model.n_future"),
+])
+def test_bad_schedule_settings_are_one_clear_message(tmp_path, override, key):
+    args = [sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(tmp_path / "r"),
+            "--set", "model.n_future=4", "--set", "train.mtp_schedule.kind=forward"]
+    for o in override.split():
+        args += ["--set", o]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert key in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_other_bad_settings_name_their_key():
+    for override, key in [("train.mtp_schedule.kind=warmup", "kind"), ("train.mtp_schedule.share=0", "share"),
+                          ("train.mtp_schedule.extra_scale=-1", "extra_scale"), ("train.mtp_schedule.stages=[0]", "stages"),
+                          ("train.mtp_schedule.start=-2", "start")]:
+        with pytest.raises(UserError, match=f"train.mtp_schedule.{key}"):
+            load_config(None, ["model.head_type=unembed", "model.n_future=2", "train.mtp_schedule.kind=linear", override])
+    with pytest.raises(UserError, match="forward or reverse"):
+        load_config(None, ["model.head_type=unembed", "model.n_future=2", "train.mtp_schedule.kind=linear", "train.mtp_schedule.stages=[1,2]"])
+
+
+def rows(run_dir):
+    return {r["step"]: r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def test_a_forward_curriculums_head_1_stage_is_an_n1_run(smoke_data, tmp_path):
+    """4 unembed heads, stages [1, 4] over 8 steps: steps 1-4 train head 1 alone and log
+    the n = 1 run's losses (float tolerance: the clipping norm sums more zeros); then
+    every head trains."""
+    common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=8", "train.log_every=1",
+              "train.eval_every=1000", "train.checkpoint_every=1000", "train.warmup_steps=2", "train.batch_size=8"]
+    val = ShardDataset(smoke_data / "bytes" / "train")
+    assert val.n_windows(256, 1) == val.n_windows(256, 4)  # the same batches for both runs
+    train(load_config(SMOKE, common), tmp_path / "n1")
+    train(load_config(SMOKE, common + ["model.n_future=4", "train.mtp_schedule.kind=forward", "train.mtp_schedule.stages=[1,4]"]),
+          tmp_path / "fwd")
+    one, fwd = rows(tmp_path / "n1"), rows(tmp_path / "fwd")
+    for s in range(1, 5):
+        assert fwd[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-5, abs=0), s
+        assert fwd[s]["loss/head_1"] == pytest.approx(one[s]["loss"], rel=1e-5), s
+        assert "loss/head_2" not in fwd[s]
+        assert [fwd[s][f"mtp/weight/head_{i}"] for i in range(1, 5)] == [1.0, 0.0, 0.0, 0.0]
+    assert fwd[2]["loss"] != one[1]["loss"]  # the steps did train
+    for s in range(5, 9):
+        assert [fwd[s][f"mtp/weight/head_{i}"] for i in range(1, 5)] == [1.0, 1.0, 1.0, 1.0]
+        assert all(f"loss/head_{i}" in fwd[s] for i in range(1, 5))
+        assert fwd[s]["loss"] > fwd[s]["loss/head_1"] + 1  # the extra heads' losses count now
+    assert fwd[5]["loss/head_1"] == pytest.approx(one[5]["loss"], rel=1e-5)  # the weights step 5 starts from
+    assert abs(fwd[6]["loss/head_1"] - one[6]["loss"]) > 1e-4  # step 5 trained every head, head 1 differently
+    # a head left out keeps its initial weights and stays in the checkpoint
+    model, _, _ = ckpt.load_model(tmp_path / "fwd")
+    assert model.heads.output.weight.shape[0] == 4 * model.cfg.vocab_size
+
+
+def test_exact_resume_mid_schedule_after_sigkill(smoke_data, tmp_path):
+    """A cosine ramp (a new weight every step) with stages: a run killed with SIGKILL
+    mid-ramp and restarted logs the same losses and weights as one never interrupted."""
+    common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=16", "train.log_every=1",
+              "train.checkpoint_every=4", "train.eval_every=1000", "train.batch_size=8", "model.n_future=3", "train.mtp_schedule.kind=cosine",
+              "train.mtp_schedule.start=0.0", "train.mtp_schedule.end=0.8", "train.mtp_schedule.share=0.75",
+              "train.mtp_schedule.extra_scale=0.5"]
+    train(load_config(SMOKE, common), tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(run)]
+    for o in common:
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and max(rows(run), default=0) >= 6:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert max(rows(run)) < 12 and ckpt.list_checkpoints(run)
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    a, b = rows(tmp_path / "straight"), rows(run)
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    keys = ["loss", "mtp/weight/head_2", "mtp/weight/head_3"]
+    assert [[a[s][k] for k in keys] for s in a] == [[b[s][k] for k in keys] for s in a]
+    w2 = [a[s]["mtp/weight/head_2"] for s in range(1, 17)]
+    assert w2[0] == 0.0 and w2[12:] == [0.4] * 4 and len(set(w2[:12])) == 12
