@@ -436,14 +436,10 @@ class MTPTransformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
         self.n_future = cfg.n_future
-        # The layers' own initialisations, which reset_parameters replaces, draw from a
-        # forked generator: the weights then depend only on the seed and on
-        # reset_parameters' draws, not on how much the heads' constructors drew.
-        with torch.random.fork_rng(devices=[]):
-            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(trunk_layers(cfg)))
-            self.heads = HEADS[cfg.head_type](cfg)
-            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # shared by all heads
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(trunk_layers(cfg)))
+        self.heads = HEADS[cfg.head_type](cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # shared by all heads
         cos, sin = rope_tables(cfg.context, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -457,13 +453,7 @@ class MTPTransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
-            if isinstance(self.heads, UnembedHeads) and name == "heads.output.weight":
-                # Head by head: head 1 then starts as an n = 1 model's head does, whatever
-                # n (the trunk draws the same numbers before it), so a forward
-                # curriculum's first stage is an n = 1 run (tests/test_mtp_schedule.py).
-                for w in p.split(self.cfg.vocab_size):
-                    nn.init.normal_(w, 0.0, std)
-            elif name.endswith(("wo.weight", "w2.weight")):
+            if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * depth))
             else:
                 nn.init.normal_(p, 0.0, std)

@@ -227,12 +227,12 @@ def test_sequential_heads_compute_deepseeks_modules():
     logits = m(x, future=y)
     F = torch.nn.functional
     z = m.trunk(x)
-    h, rope = z, m.rope(12)
+    h, spec = z, m.attention_spec(12)
     for i in range(3):
         if i:
             mod = m.heads.depths[i - 1]
             cat = torch.cat([mod.hnorm(h), mod.enorm(m.tok_emb(y[..., i - 1]))], dim=-1)
-            h = mod.block(F.linear(cat, mod.proj.weight), rope)
+            h = mod.block(F.linear(cat, mod.proj.weight), spec)
         assert torch.allclose(logits[:, :, i], F.linear(m.norm(h), m.heads.output.weight), atol=1e-12)
     # causal in the inputs, and head i+1 at t reads the future tokens x_{t+1..t+i} only
     x2, y2 = x.clone(), y.clone()

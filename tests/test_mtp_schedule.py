@@ -99,32 +99,65 @@ def rows(run_dir):
 
 
 def test_a_forward_curriculums_head_1_stage_is_an_n1_run(smoke_data, tmp_path):
-    """4 unembed heads, stages [1, 4] over 8 steps: steps 1-4 train head 1 alone and log
-    the n = 1 run's losses (float tolerance: the clipping norm sums more zeros); then
-    every head trains."""
-    common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=8", "train.log_every=1",
-              "train.eval_every=1000", "train.checkpoint_every=1000", "train.warmup_steps=2", "train.batch_size=8"]
-    val = ShardDataset(smoke_data / "bytes" / "train")
-    assert val.n_windows(256, 1) == val.n_windows(256, 4)  # the same batches for both runs
-    train(load_config(SMOKE, common), tmp_path / "n1")
-    train(load_config(SMOKE, common + ["model.n_future=4", "train.mtp_schedule.kind=forward", "train.mtp_schedule.stages=[1,4]"]),
-          tmp_path / "fwd")
-    one, fwd = rows(tmp_path / "n1"), rows(tmp_path / "fwd")
-    for s in range(1, 5):
-        assert fwd[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-5, abs=0), s
-        assert fwd[s]["loss/head_1"] == pytest.approx(one[s]["loss"], rel=1e-5), s
-        assert "loss/head_2" not in fwd[s]
-        assert [fwd[s][f"mtp/weight/head_{i}"] for i in range(1, 5)] == [1.0, 0.0, 0.0, 0.0]
-    assert fwd[2]["loss"] != one[1]["loss"]  # the steps did train
-    for s in range(5, 9):
-        assert [fwd[s][f"mtp/weight/head_{i}"] for i in range(1, 5)] == [1.0, 1.0, 1.0, 1.0]
-        assert all(f"loss/head_{i}" in fwd[s] for i in range(1, 5))
-        assert fwd[s]["loss"] > fwd[s]["loss/head_1"] + 1  # the extra heads' losses count now
-    assert fwd[5]["loss/head_1"] == pytest.approx(one[5]["loss"], rel=1e-5)  # the weights step 5 starts from
-    assert abs(fwd[6]["loss/head_1"] - one[6]["loss"]) > 1e-4  # step 5 trained every head, head 1 differently
-    # a head left out keeps its initial weights and stays in the checkpoint
-    model, _, _ = ckpt.load_model(tmp_path / "fwd")
-    assert model.heads.output.weight.shape[0] == 4 * model.cfg.vocab_size
+    """4 unembed heads with stages [1, 4] over 8 steps, from the weights of an n = 1 model
+    (its trunk and head 1; the other heads random): the training loop's steps 1-4 train
+    head 1 alone and give the n = 1 model's losses on the same batches (float tolerance:
+    the clipping norm sums more zeros); from step 5 every head trains."""
+    import torch
+
+    from bytelm.model import MTPTransformer
+    from bytelm.train import StepSetup, lr_lambda, make_optimizer, optimizer_step
+
+    cfg4 = load_config(SMOKE, [f"data.root={smoke_data}", "train.steps=8", "train.warmup_steps=2", "train.batch_size=8",
+                               "model.n_future=4", "model.vocab_size=258", "train.mtp_schedule.kind=forward",
+                               "train.mtp_schedule.stages=[1,4]"])
+    cfg1 = load_config(SMOKE, [f"data.root={smoke_data}", "train.steps=8", "train.warmup_steps=2", "train.batch_size=8",
+                               "model.vocab_size=258"])
+    torch.manual_seed(0)
+    m1, m4 = MTPTransformer(cfg1.model), MTPTransformer(cfg4.model)
+    sd = m1.state_dict()
+    sd4 = {**sd, "heads.output.weight": torch.cat([sd["heads.output.weight"], m4.heads.output.weight[258:].detach()])}
+    m4.load_state_dict(sd4)
+    train_ds = ShardDataset(smoke_data / "bytes" / "train")
+    assert train_ds.n_windows(256, 1) == train_ds.n_windows(256, 4)  # the same batches for both
+    runs = {}
+    for name, cfg, model in (("n1", cfg1, m1), ("fwd", cfg4, m4)):
+        opt = make_optimizer(model, cfg, torch.device("cpu"))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        setup = StepSetup(model, opt, 8, "memory_efficient", cfg.train.grad_clip)
+        runs[name] = []
+        for step in range(8):
+            x, y = train_ds.batch(step, 256, cfg.model.n_future, 8, 0)
+            w = head_weights(cfg.train, cfg.model.n_future, step)
+            runs[name].append((w, *optimizer_step(setup, x, y, w)))
+            sched.step()
+    for s in range(4):
+        (w, loss, per_head, norm), (_, loss1, _, norm1) = runs["fwd"][s], runs["n1"][s]
+        assert w == [1.0, 0.0, 0.0, 0.0]
+        assert loss == pytest.approx(loss1, rel=1e-5) and per_head[0] == pytest.approx(loss1, rel=1e-5), s
+        assert all(math.isnan(v) for v in per_head[1:])
+        assert norm == pytest.approx(norm1, rel=1e-5)
+    assert runs["n1"][1][1] != runs["n1"][0][1]  # the steps did train
+    for s in range(4, 8):
+        w, loss, per_head, _ = runs["fwd"][s]
+        assert w == [1.0, 1.0, 1.0, 1.0] and not any(math.isnan(v) for v in per_head)
+        assert loss > per_head[0] + 1  # the extra heads' losses count now
+    assert runs["fwd"][4][2][0] == pytest.approx(runs["n1"][4][1], rel=1e-5)  # the weights step 5 starts from
+    assert abs(runs["fwd"][5][2][0] - runs["n1"][5][1]) > 1e-4  # step 5 trained every head, head 1 differently
+
+
+def test_the_loop_logs_the_weights_in_force_and_only_trained_heads_losses(smoke_data, tmp_path):
+    common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=4", "train.log_every=1",
+              "train.eval_every=1000", "train.checkpoint_every=1000", "train.batch_size=4", "model.n_future=3",
+              "train.mtp_schedule.kind=forward", "train.mtp_schedule.stages=[1,3]"]
+    train(load_config(SMOKE, common), tmp_path / "run")
+    r = rows(tmp_path / "run")
+    assert [[r[s][f"mtp/weight/head_{i}"] for i in (1, 2, 3)] for s in (1, 2, 3, 4)] == [[1, 0, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert "loss/head_2" not in r[1] and "loss/head_2" not in r[2] and "loss/head_3" in r[3]
+    assert r[1]["loss"] == r[1]["loss/head_1"]
+    # a head left out keeps its place in the checkpoint
+    model, _, _ = ckpt.load_model(tmp_path / "run")
+    assert model.heads.output.weight.shape[0] == 3 * model.cfg.vocab_size
 
 
 def test_exact_resume_mid_schedule_after_sigkill(smoke_data, tmp_path):
