@@ -27,8 +27,11 @@ def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str) -> str:
     parts = []
     if not pm.empty:
         samples = ", ".join(map(str, n_samples)) if n_samples else "an unrecorded number of"
+        on = [f"{TASK_TITLES.get(t, t)} {rests_on(runs, t).split(',')[0]}" for t in TASKS
+              if rests_on(runs, t) != "–"]
         parts.append(
-            f"pass@k (%) from {samples} samples per problem (unbiased estimator), at the oracle temperature: "
+            f"pass@k (%) from {samples} samples per problem (unbiased estimator; {'; '.join(on)}), at the oracle "
+            "temperature: "
             f"for each model, task and k the best of T ∈ {{{', '.join(f'{t:g}' for t in temps)}}} (the paper's Table 1 rule)."
         )
     else:
@@ -45,24 +48,42 @@ def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str) -> str:
     return " ".join(parts)
 
 
-def paper_side_by_side(df: pd.DataFrame) -> str:
-    """Our pass@1/10/100 per task next to the paper's Table 1 row of the same vocabulary and n."""
+def rests_on(runs: pd.DataFrame, task: str) -> str:
+    """What a pass@k of these runs (seeds of one configuration) rests on: '4 of 164
+    problems, 2 samples' (samples per problem and temperature), from the eval's metrics."""
+    def values(col: str) -> str:
+        vals = sorted({int(v) for v in pd.to_numeric(runs.get(col, pd.Series(dtype=float)), errors="coerce").dropna()})
+        return "/".join(map(str, vals)) if vals else "?"
+
+    if not pd.to_numeric(runs.get(f"pass_at_1/{task}/best", pd.Series(dtype=float)), errors="coerce").notna().any():
+        return "–"
+    problems, in_task = values(f"eval/{task}/problems"), values(f"eval/{task}/problems_in_task")
+    if problems == "?":
+        return f"problems not recorded, {values('eval/n_samples')} samples"
+    return f"{problems} of {in_task} problems, {values('eval/n_samples')} samples"
+
+
+def paper_side_by_side(df: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """Our pass@1/10/100 per task next to the paper's Table 1 row of the same vocabulary
+    and n, with the problems and samples ours rest on (the paper's: every problem, 200)."""
     rows = []
     for _, r in df.iterrows():
         paper = table1_rows(r["vocab"]).get((PAPER_DATA.get(r["vocab"], ""), int(r["n"])) if pd.notna(r["n"]) else None)
         if paper is None:
             continue
-        cells = [VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"])]
+        group = runs[runs["config_id"] == r["config_id"]]
+        cells = [VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"])] + ([r["config"]] if "config" in df else [])
         for task in TASKS:
             ours = [r.get(f"pass_at_{k}/{task}/best", np.nan) for k in KS]
             cells.append(" / ".join("–" if pd.isna(v) else f"{100 * v:.1f}" for v in ours))
+            cells.append(rests_on(group, task))
             cells.append(" / ".join(f"{v:.1f}" for v in paper[task]))
         rows.append(cells)
     if not rows:
         return ""
-    headers = ["vocab", "n"]
+    headers = ["vocab", "n"] + (["config"] if "config" in df else [])
     for task in TASKS:
-        headers += [f"{TASK_TITLES[task]} ours", f"{TASK_TITLES[task]} paper"]
+        headers += [f"{TASK_TITLES[task]} ours", f"{TASK_TITLES[task]} ours rest on", f"{TASK_TITLES[task]} paper"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -142,12 +163,17 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
                  "Fig. 3), so bits per byte and the decoding speedup are the measures to read.")
     md = [f"{size} (the paper's: 7B, trained on 200–313B tokens or bytes).{scale} Table in the layout of the "
           f"paper's Table 1 (`table1.md`, `table1.tex`, `table1.csv`):\n", md_table, f"\n*{cap}*\n"]
-    side = paper_side_by_side(df) if not pass_metrics(runs).empty else ""
+    if "config" in labels:
+        md.append("Runs are averaged as seeds only when their resolved configs are equal apart from the seed (and "
+                  "the run's name and eval defaults). Rows that share data, vocabulary and n but not their config are "
+                  "separate configurations: column `config` names the keys whose values differ.\n")
+    side = paper_side_by_side(df, runs) if not pass_metrics(runs).empty else ""
     if side:
         md += ["\n### Beside the paper's Table 1\n",
                "pass@1 / @10 / @100 (%), ours (mean over seeds) and the paper's row of the same vocabulary and n "
-               f"(bytes: {PAPER_DATA['bytes']}; BPE: the paper's 32k-token models, {PAPER_DATA['bpe']}).\n", side,
-               f"\n*{TABLE1_CAPTION}*\n"]
+               f"(bytes: {PAPER_DATA['bytes']}; BPE: the paper's 32k-token models, {PAPER_DATA['bpe']}). "
+               "Ours rest on the problems and samples per problem and temperature named beside them; the paper's on "
+               "every problem with 200 samples.\n", side, f"\n*{TABLE1_CAPTION}*\n"]
     s3, s3_desc = s3_side_by_side(runs)
     if s3:
         md += [f"\n### Self-speculative decoding beside the paper's Table S3\n\nOurs: {s3_desc}.\n", s3,

@@ -6,14 +6,16 @@ histories and are left out).
 Writes DIR/runs.csv (one row per run: name, status, grid values, metrics), one section per
 study found among the runs (analysis/sections.py picks it by the runs' `study` tag; the
 n-ablation study writes table1.{md,tex,csv} and the PNG plots), and DIR/report.md that puts
-them together. Plots and tables are also logged as artifacts to the sweep's parent run
-(the latest one, or --parent-run-id).
+them together. Plots and tables are also logged as artifacts to the sweep's parent run,
+under report/<time>, when the report covers exactly that sweep's runs (--parent-run-id
+reports one sweep alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,13 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "(e.g. docs/results/main/runs.csv; no MLflow needed)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--include-failed", action="store_true", help="also tabulate runs that did not finish")
-    p.add_argument("--parent-run-id", help="log the report to this sweep run (default: the experiment's latest sweep)")
+    p.add_argument("--parent-run-id", help="report this sweep's runs only, and log the report to its run (default: all "
+                                           "the experiment's runs, logged to a sweep's run only if they are exactly its runs)")
     p.add_argument("--no-log", action="store_true", help="do not log the report as artifacts to MLflow")
 
 
 def runs_csv(runs: pd.DataFrame) -> pd.DataFrame:
     """runs.csv: identity, grid values, then every metric; config params at the end."""
-    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "seed",
+    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "seed", "config_id",
              "git_commit", "hardware", "torch"]
     grid = sorted(c for c in runs.columns if c.startswith("grid."))
     params = sorted(c for c in runs.columns if c.startswith("params."))
@@ -110,17 +113,44 @@ def build_report(experiment: str, uri: str | None, out: Path, include_failed: bo
     return report, [report, *files], exp.parents
 
 
-def log_to_parent(uri: str, parents: pd.DataFrame, files: list[Path], parent_run_id: str | None) -> str | None:
+def sweep_of(exp: Experiment) -> tuple[str | None, str]:
+    """The sweep parent run whose child runs are exactly the report's runs, or None and
+    why not: a report goes into a sweep's run only when it covers that sweep and no more."""
+    runs = set(exp.runs["run_id"])
+    if exp.parents.empty:
+        return None, "the experiment has no sweep run"
+    for parent in exp.parents["run_id"]:
+        if set(exp.runs.loc[exp.runs["parent_run_id"] == parent, "run_id"]) == runs:
+            return parent, ""
+    outside = exp.runs[~exp.runs["parent_run_id"].isin(exp.parents["run_id"])]
+    sweeps = exp.runs["parent_run_id"].dropna().nunique()
+    why = f"its runs come from {sweeps} sweep(s)" + (f" and {len(outside)} run(s) outside any sweep "
+                                                      f"({', '.join(outside['name'].astype(str)[:4])})" if len(outside) else "")
+    return None, why + "; --parent-run-id ID reports one sweep alone and logs the report to it"
+
+
+def only_sweep(exp: Experiment, parent_run_id: str) -> Experiment:
+    """The experiment cut to one sweep: its parent run and its child runs."""
+    if parent_run_id not in set(exp.parents["run_id"]):
+        have = ", ".join(f"{r['run_id']} ({r['name']})" for _, r in exp.parents.iterrows()) or "none"
+        raise UserError(f"--parent-run-id {parent_run_id} is not a sweep run of experiment {exp.name!r} (its sweep runs: "
+                        f"{have})")
+    runs = exp.runs[exp.runs["parent_run_id"] == parent_run_id].reset_index(drop=True)
+    if runs.empty:
+        raise UserError(f"sweep run {parent_run_id} of experiment {exp.name!r} has no child runs yet")
+    return replace(exp, runs=runs, parents=exp.parents[exp.parents["run_id"] == parent_run_id].reset_index(drop=True))
+
+
+def log_to_parent(uri: str, parent_run_id: str, files: list[Path]) -> str:
+    """Logs the report under its own folder, report/<time>, so that it never replaces an
+    earlier report's files. Returns that folder."""
     from mlflow import MlflowClient
 
-    if parent_run_id is None:
-        if parents.empty:
-            return None
-        parent_run_id = parents.sort_values("start_time")["run_id"].iloc[-1]
+    folder = f"report/{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H-%M-%SZ}"
     client = MlflowClient(uri)
     for f in files:
-        client.log_artifact(parent_run_id, str(f), "report")
-    return parent_run_id
+        client.log_artifact(parent_run_id, str(f), folder)
+    return folder
 
 
 def main(args: argparse.Namespace) -> int:
@@ -138,10 +168,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {report} and {len(files) - 1} table/plot files in {args.out}")
         return 0
     uri = mlflow_uri()
-    report, files, parents = build_report(args.experiment, uri, args.out, args.include_failed)
+    exp = load_runs(args.experiment, uri)
+    if args.parent_run_id:
+        exp = only_sweep(exp, args.parent_run_id)
+    report, files, _ = build_report(args.experiment, uri, args.out, args.include_failed, exp)
     print(f"wrote {report} and {len(files) - 1} table/plot files in {args.out}")
     if not args.no_log:
-        run_id = log_to_parent(uri, parents, files, args.parent_run_id)
-        if run_id:
-            print(f"logged them to MLflow run {run_id} (artifacts/report)")
+        parent, why = sweep_of(exp)
+        if parent:
+            folder = log_to_parent(uri, parent, files)
+            print(f"logged them to the sweep's MLflow run {parent} (artifacts {folder})")
+        else:
+            print(f"not logged to a sweep run: {why}")
     return 0

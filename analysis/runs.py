@@ -36,7 +36,10 @@ def load_runs(experiment: str, uri: str) -> Experiment:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
     if exp is None:
-        raise UserError(f"no MLflow experiment {experiment!r} in {uri} (set MLFLOW_TRACKING_URI, or run the study first)")
+        names = sorted(e.name for e in mlflow.MlflowClient(uri).search_experiments())
+        have = f"it has {', '.join(names)}" if names else "it has no experiments"
+        raise UserError(f"no MLflow experiment {experiment!r} in {uri}: {have} (set MLFLOW_TRACKING_URI for another "
+                        "store, or run the study first)")
     raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
     if raw.empty:
         raise UserError(f"MLflow experiment {experiment!r} in {uri} has no runs")
@@ -74,9 +77,55 @@ def load_runs(experiment: str, uri: str) -> Experiment:
     metrics = {c[len("metrics."):]: raw[c] for c in raw.columns if c.startswith("metrics.")}
     params = {c: raw[c] for c in raw.columns if c.startswith("params.")}
     df = pd.concat([df, pd.DataFrame(extra), pd.DataFrame(metrics), pd.DataFrame(params)], axis=1)
+    df["config_id"] = raw["tags.config_id"] if "tags.config_id" in raw else None
+    df["config_id"] = df["config_id"].fillna(params_config_id(df))
     parents = df[df["is_parent"]].reset_index(drop=True)
     runs = df[~df["is_parent"]].sort_values(["vocab", "n", "name"], na_position="last").reset_index(drop=True)
     return Experiment(experiment, exp.experiment_id, runs, parents)
+
+
+def _config_defaults() -> dict[str, str]:
+    from bytelm.config import RunConfig, flatten, to_dict
+
+    return {k: str(v) for k, v in flatten(to_dict(RunConfig())).items()}
+
+
+def config_params(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each run's config as far as its params tell, as strings: a key a run did not log
+    has the default value (a run logs only the keys that differ from it, and a few more);
+    the keys of a run's configuration identity only (no seed, name or eval defaults)."""
+    from bytelm.tracking import IDENTITY_SKIP
+
+    defaults = _config_defaults()
+    cols = [c for c in runs.columns if c.startswith("params.") and not c[len("params."):].startswith(IDENTITY_SKIP)]
+    keys = sorted({c[len("params."):] for c in cols} | {k for k in defaults if not k.startswith(IDENTITY_SKIP)})
+    out = pd.DataFrame(index=runs.index)
+    for k in keys:
+        col = runs.get(f"params.{k}")
+        default = defaults.get(k)
+        out[k] = col.fillna(default) if col is not None else default
+    return out
+
+
+def params_config_id(runs: pd.DataFrame) -> pd.Series:
+    """A configuration identity from the params, for runs without a `config_id` tag (made
+    before it existed): runs with equal params apart from the seed share it."""
+    if runs.empty:
+        return pd.Series(dtype=object)
+    import hashlib
+
+    cfg = config_params(runs).astype(str)
+    return cfg.apply(lambda r: "p" + hashlib.sha1("\0".join(r).encode()).hexdigest()[:11], axis=1)
+
+
+def config_differences(runs: pd.DataFrame, ids: list[str]) -> dict[str, str]:
+    """For configurations that a table would show as the same (vocab, n, ...), what sets
+    each apart: config_id -> 'key=value, ...' over the keys whose values differ."""
+    cfg = config_params(runs).astype(str)
+    cfg["config_id"] = runs["config_id"]
+    first = cfg[cfg["config_id"].isin(ids)].drop_duplicates("config_id").set_index("config_id")
+    differ = [c for c in first.columns if first[c].nunique() > 1]
+    return {cid: ", ".join(f"{k}={first.loc[cid, k]}" for k in differ) for cid in first.index}
 
 
 def runs_from_csv(path: Path) -> Experiment:
@@ -93,6 +142,8 @@ def runs_from_csv(path: Path) -> Experiment:
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     df = df.assign(**{c: None for c in ("train_status", "error", "parent_run_id") if c not in df}, is_parent=False)
+    df["config_id"] = (df["config_id"] if "config_id" in df else pd.Series(None, index=df.index, dtype=object)).fillna(
+        params_config_id(df))
     return Experiment(Path(path).name, "", df, pd.DataFrame(columns=["run_id", "start_time"]))
 
 

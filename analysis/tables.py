@@ -18,7 +18,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from analysis.paper_numbers import KS, TASK_TITLES, TASKS
-from analysis.runs import grid_axes, spec_metrics
+from analysis.runs import config_differences, grid_axes, spec_metrics
 
 VOCAB_ORDER = {"bytes": 0, "bpe": 1}
 VOCAB_TITLES = {"bytes": "bytes", "bpe": "BPE"}
@@ -102,9 +102,14 @@ def summary(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[Column], 
     runs["speedup"], runs["speedup_heads"], speed_desc = best_speedup(runs)
     columns = [c for c in table_columns(runs) if c.key in runs and runs[c.key].notna().any()]
     labels = ["data", "vocab", "n", *grid_axes(runs)]
+    runs = with_config_column(runs, labels)
+    if runs["config"].astype(bool).any():
+        labels.append("config")
     rows = []
-    for key, group in runs.groupby(labels, dropna=False, sort=False):
-        row = dict(zip(labels, key if isinstance(key, tuple) else (key,)))
+    # a row is one configuration (runs.config_id): its runs are seeds of it
+    for _, group in runs.groupby("config_id", sort=False):
+        row = {a: group[a].iloc[0] for a in labels}
+        row["config_id"] = group["config_id"].iloc[0]
         row["seeds"] = int(group["seed"].nunique()) if group["seed"].notna().any() else len(group)
         row["runs"] = ", ".join(group["name"])
         for c in columns:
@@ -121,6 +126,20 @@ def summary(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[Column], 
     df = df.sort_values(["data", "_order", "vocab", "n", *labels[3:]], na_position="last")
     df = df.drop(columns="_order").reset_index(drop=True)
     return df, labels, columns, speed_desc
+
+
+def with_config_column(runs: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """`config`: for configurations that share their label values (vocab, n, ...) but not
+    their config, the keys that set each apart ('model.context=256, train.steps=150');
+    empty elsewhere."""
+    runs = runs.copy()
+    runs["config"] = ""
+    for _, group in runs.groupby(labels, dropna=False, sort=False):
+        ids = list(dict.fromkeys(group["config_id"]))
+        if len(ids) > 1:
+            diff = config_differences(runs, ids)
+            runs.loc[group.index, "config"] = group["config_id"].map(diff)
+    return runs
 
 
 def best_rows(df: pd.DataFrame, c: Column) -> set[int]:

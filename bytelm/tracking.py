@@ -68,13 +68,23 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it infers a GenAI
+# experiment and opens "Overview / Traces"; with it, the training runs. The value is the
+# one the UI's own kind selector writes ("Machine learning / custom model development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    """The experiment's id, created as a model-training experiment when it is new; one of
+    ours made before the kind was set gets it now (a kind a user chose is left alone)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
+            return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             # another process (a parallel sweep child) created it first
             exp = client.get_experiment_by_name(name)
@@ -85,6 +95,8 @@ def get_or_create_experiment(client, name: str) -> str:
             f"MLflow experiment {name!r} is deleted in {client.tracking_uri}: restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or pick another name"
         )
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -140,11 +152,38 @@ def system_tags() -> dict[str, str]:
     }
 
 
+# Config keys every run logs as params, whatever their value: the axes a study compares
+# and the size of what trained. Any other key is logged only where it differs from the
+# default, so the runs table shows what sets runs apart (the whole config is the run's
+# config.yaml artifact). eval.* are left out: they are the defaults of a later stage,
+# which logs the settings it ran with.
+KEY_PARAMS = ("data.root", "data.tokenizer", "model.n_future", "model.head_type", "model.context", "model.d_model",
+              "model.n_layers", "train.steps", "train.batch_size", "train.lr", "train.seed")
+# left out of a run's configuration identity (config_id): its name, and the seed
+IDENTITY_SKIP = ("tracking.", "eval.", "train.seed")
+
+
 def config_params(cfg_dict: dict) -> dict[str, str]:
-    """The flattened config as MLflow params, values cut to MLflow's length limit."""
+    """The config keys a run logs as MLflow params (KEY_PARAMS and every key that differs
+    from the default), values cut to MLflow's length limit."""
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    return {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flatten(cfg_dict).items()}
+    from bytelm.config import RunConfig, to_dict
+
+    defaults = flatten(to_dict(RunConfig()))
+    flat = flatten(cfg_dict)
+    keep = {k: v for k, v in flat.items()
+            if not k.startswith(("eval.", "tracking.")) and (k in KEY_PARAMS or k not in defaults or defaults[k] != v)}
+    return {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in keep.items()}
+
+
+def config_id(cfg_dict: dict) -> str:
+    """A short hash of the resolved config apart from the seed, the run's name and the
+    eval defaults: runs with the same id are seeds of one configuration."""
+    import hashlib
+
+    flat = {k: v for k, v in flatten(cfg_dict).items() if not k.startswith(IDENTITY_SKIP)}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def log_batched(client, run_id: str, metrics: Iterable = (), params: dict | None = None, tags: dict | None = None) -> None:
@@ -255,7 +294,7 @@ class Tracker:
         self.client = None
         self.run_id: str | None = None
         self._final_status: str | None = None
-        tags = {k: str(v) for k, v in (tags or {}).items()}
+        tags = {"config_id": config_id(cfg_dict), **{k: str(v) for k, v in (tags or {}).items()}}
         info_path = self.run_dir / "run_info.json"
         if not info_path.exists():
             # what a later `bytelm track import` needs to name, tag and nest the run
@@ -282,6 +321,8 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=run_name or None)
         self.run_id = run.info.run_id
         log_batched(self.client, self.run_id, params=config_params(cfg_dict), tags=run_tags)
+        if (self.run_dir / "config.yaml").is_file():  # the whole resolved config; params hold a part
+            self.client.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
         write_json(self.run_dir / "mlflow.json", {
             "tracking_uri": self.client.tracking_uri, "experiment_id": experiment_id,
             "run_id": self.run_id, "eval_rows_logged": 0,

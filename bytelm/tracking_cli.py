@@ -22,6 +22,7 @@ import yaml
 from bytelm.errors import UserError
 from bytelm.fileio import write_json
 from bytelm.tracking import (
+    config_id,
     config_params,
     get_or_create_experiment,
     log_artifact_under,
@@ -72,7 +73,7 @@ def import_run_dir(run_dir: Path, experiment: str | None = None, parent_run_id: 
     run_name = tracking.get("run_name") or info.get("run_name") or run_dir.name
     client = mlflow_client()
     experiment_id = get_or_create_experiment(client, experiment)
-    tags = {**info.get("tags", {}), "run_dir": str(run_dir.resolve()), "imported": "true"}
+    tags = {"config_id": config_id(cfg), **info.get("tags", {}), "run_dir": str(run_dir.resolve()), "imported": "true"}
     parent = parent_run_id or info.get("parent_run_id")
     if parent and _run_exists(client, parent):
         tags["mlflow.parentRunId"] = parent
@@ -81,6 +82,7 @@ def import_run_dir(run_dir: Path, experiment: str | None = None, parent_run_id: 
     mlflow_info = {"tracking_uri": client.tracking_uri, "experiment_id": experiment_id, "run_id": run_id}
     write_json(run_dir / "mlflow.json", {**mlflow_info, "importing": True})
     log_batched(client, run_id, params=config_params(cfg), tags=tags)
+    client.log_artifact(run_id, str(cfg_path))
     # metrics.jsonl rows carry only the step; the file's modification time is the best
     # timestamp left for them
     ts = int((run_dir / "metrics.jsonl").stat().st_mtime * 1000) if (run_dir / "metrics.jsonl").exists() else None

@@ -416,6 +416,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     tic, window_tokens, window_bytes = time.time(), 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    last_val: dict[str, float] = {}
     try:
         while state["step"] < t.steps:
             step = state["step"]
@@ -463,7 +464,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tracker.log_metrics(row, state["step"])
-                bar.set_postfix(loss=f"{row['loss']:.3f}", bytes_s=f"{row['bytes_per_s']:.3g}")
+                bar.set_postfix_str(progress_text(row, m.n_future))
                 window, window_tokens, window_bytes, tic = [], 0, 0, time.time()
 
             done = state["step"] == t.steps
@@ -472,8 +473,12 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                 out_of_time = rank0_says(out_of_time, device)
             if state["step"] % t.eval_every == 0 or done or out_of_time:
                 metrics = evaluate(model, val_ds, cfg, device, autocast, micro)
+                last_val = metrics
                 if d.main:
-                    tracker.log_metrics(metrics, state["step"])
+                    # with the bytes seen, so that validation curves of byte and BPE runs share an x-axis
+                    tracker.log_metrics({**metrics, "train/bytes_seen": state["bytes_seen"]}
+                                        | ({"summary/val_bpb": metrics["val/bpb"]} if done or out_of_time else {}),
+                                        state["step"])
                 better = metrics["val/bpb"] < state["best_val_bpb"]
                 if fsdp:  # saving is a collective there: every rank must agree
                     better = rank0_says(better, device)
@@ -499,9 +504,40 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
             dist.destroy_process_group()
     result = {"step": state["step"], "best_val_bpb": state["best_val_bpb"]}
     if tracker is not None:
-        tracker.set_status("finished" if state["step"] >= t.steps else "stopped", step=state["step"])
+        status = "finished" if state["step"] >= t.steps else "stopped"
+        tracker.set_status(status, step=state["step"])
+        print(final_summary(run_dir, status, state["step"], t.steps, last_val, m.n_future, tracker), flush=True)
         tracker.close()
     return result
+
+
+def progress_text(row: dict, n_future: int) -> str:
+    """The progress bar's text: the loss says what it sums (8 heads' sum looks like a
+    diverged run when read as one head's)."""
+    heads = f" = sum of {n_future} heads, head 1 {row['loss/head_1']:.3f}" if n_future > 1 else ""
+    return f"loss {row['loss']:.3f}{heads} (nats/token), {row['bytes_per_s']:.3g} bytes/s"
+
+
+def final_summary(run_dir: Path, status: str, step: int, steps: int, val: dict, n_future: int, tracker) -> str:
+    """What a run ends with on the console: validation bits per byte of every head, the
+    checkpoint and the MLflow run."""
+    lines = [f"\n{run_dir.name}: {status} at step {step} of {steps}"]
+    if val:
+        bpb = "  ".join(f"{h}: {val[f'val/bpb/head_{h}']:.3f}" for h in range(1, n_future + 1))
+        lines.append(f"  validation bits per byte by head  {bpb}")
+    last = ckpt.list_checkpoints(run_dir)
+    lines.append(f"  checkpoint  {last[-1] if last else 'none'}"
+                 + (f" (best validation: {run_dir / 'checkpoints' / 'best'})" if (run_dir / "checkpoints" / "best").is_dir()
+                    else ""))
+    if tracker.run_id:
+        from bytelm.tracking import read_mlflow_json
+
+        info = read_mlflow_json(run_dir) or {}
+        lines.append(f"  MLflow run  {tracker.run_id} (experiment id {info.get('experiment_id')}, "
+                     f"store {info.get('tracking_uri')})")
+    else:
+        lines.append(f"  MLflow run  none (tracking.mlflow=false): `bytelm track import {run_dir}` logs it")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI

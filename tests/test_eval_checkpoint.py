@@ -92,3 +92,42 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("bytelm eval: error: attention backend must be one of auto, efficient, math, cudnn, flex, "
                        "got 'sparse'")
+
+
+def test_prompts_longer_than_the_context(tmp_path, monkeypatch, capsys):
+    """A context shorter than every prompt: the console says how many samples were not
+    generated and why, and the command fails unless asked not to; --truncate-prompts
+    generates from each prompt's last tokens and records it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = config_from_dict({"model": {"n_layers": 2, "d_model": 16, "n_heads": 2, "context": 64, "vocab_size": 258}})
+    torch.manual_seed(0)
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir, "step_0000001", MTPTransformer(cfg.model), cfg, ByteTokenizer(), {"step": 1})
+    common = ["eval", "--checkpoint", str(run_dir), "--task", "humaneval", "--n-samples", "2", "--temperatures", "0.8",
+              "--max-problems", "2", "--device", "cpu", "--max-new-tokens", "8"]
+
+    def run(*extra: str) -> tuple[int, dict, str]:
+        out = tmp_path / f"passk{len(extra)}.json"
+        with pytest.raises(SystemExit) as e:
+            bytelm([*common, *extra, "--json", str(out)])
+        return e.value.code, json.loads(out.read_text()), capsys.readouterr().err
+
+    code, summary, err = run()
+    s = summary["tasks"]["humaneval"]
+    assert code == 1 and s["prompts_too_long"] == 2 and s["samples_generated"] == 0 and s["samples_not_generated"] == 4
+    assert ("humaneval: 2 of 2 prompts are longer than the model's context (64 tokens): 4 of 4 samples were not "
+            "generated and score 0") in err
+    assert "error: no sample could be generated" in err
+
+    code, _, err = run("--allow-no-samples")
+    assert code == 0 and "4 of 4 samples were not generated" in err
+
+    code, summary, err = run("--truncate-prompts")
+    s = summary["tasks"]["humaneval"]
+    assert code == 0 and summary["truncate_prompts"] and s["prompts_truncated"] == 2 and s["samples_generated"] == 4
+    assert "2 of 2 prompts were longer than the context (64 tokens) and were cut to their last tokens" in err
+    results = [json.loads(line) for line in (tmp_path / "passk1.results.jsonl").read_text().splitlines()]
+    assert len(results) == 4 and all(r["prompt_truncated"] and r["reason"] != "prompt longer than the model's context (64)"
+                                     for r in results)
+    assert summary["metrics"]["eval/humaneval/problems_in_task"] == 164
+    assert summary["metrics"]["eval/humaneval/samples_generated"] == 4

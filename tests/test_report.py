@@ -138,18 +138,65 @@ def test_table1_rows_columns_values_and_bold(study):
     assert len(runs) == 7 and {"name", "status", "vocab", "n", "seed", "val/bpb", "spec/code/b1/k8/speedup"} <= set(runs.columns)
 
 
-def test_report_cli_logs_artifacts_to_the_parent_run(study, tmp_path):
-    uri, _, parent = study
-    r = subprocess.run([sys.executable, "-m", "bytelm", "report", "--experiment", "study", "--out", str(tmp_path / "rep")],
-                       capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert r.returncode == 0, r.stderr
-    assert parent in r.stdout
-    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert {"report/report.md", "report/table1.tex", "report/runs.csv", "report/vs_n.png"} <= logged
+def report_cli(uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bytelm", "report", *args], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
-    r = subprocess.run([sys.executable, "-m", "bytelm", "report", "--experiment", "nope", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert r.returncode == 2 and "no MLflow experiment 'nope'" in r.stderr
+
+def test_report_cli_logs_artifacts_to_the_parent_run(study, tmp_path):
+    """A report that covers exactly one sweep goes into that sweep's run, each report in a
+    folder of its own: a second report leaves the first one's files as they were."""
+    uri, _, parent = study
+    client = MlflowClient(uri)
+    folders = []
+    for out in ("rep1", "rep2"):
+        r = report_cli(uri, "--experiment", "study", "--out", str(tmp_path / out))
+        assert r.returncode == 0, r.stderr
+        assert f"logged them to the sweep's MLflow run {parent}" in r.stdout
+        new = {a.path for a in client.list_artifacts(parent, "report")} - set(folders)
+        assert len(new) == 1
+        folders += new
+    first, second = folders
+    assert first != second
+    logged = {a.path.removeprefix(first + "/") for a in client.list_artifacts(parent, first)}
+    assert {"report.md", "table1.tex", "runs.csv", "vs_n.png"} <= logged
+
+    r = report_cli(uri, "--experiment", "nope", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "no MLflow experiment 'nope'" in r.stderr and "it has " in r.stderr
+    assert "study" in r.stderr.split("it has ")[1]  # the experiments that exist
+
+
+def test_runs_of_other_configs_are_not_seeds_and_the_report_stays_out_of_the_sweep(tmp_path):
+    """A run outside the sweep with the same vocabulary and n but another context (the
+    sweep's runs have the default, 256) is its own row, named by what differs; the report of both is not logged to the sweep's run,
+    and --parent-run-id reports the sweep alone and logs it there."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = log_study(client, "mixed")
+    exp_id = client.get_experiment_by_name("mixed").experiment_id
+    alone = client.create_run(exp_id, run_name="b8").info.run_id
+    client.log_batch(alone, params=[Param(k, v) for k, v in {
+        "data.root": "data/python-env", "data.tokenizer": "bytes", "model.n_future": "8", "model.head_type": "unembed",
+        "train.seed": "0", "model.context": "1024", "eval.n_samples": "200"}.items()],
+        metrics=[Metric("val/bpb", 4.0, 0, 150), Metric("pass_at_1/humaneval/best", 0.0, 0, 150)])
+    client.set_terminated(alone, "FINISHED")
+
+    r = report_cli(uri, "--experiment", "mixed", "--out", str(tmp_path / "all"))
+    assert r.returncode == 0, r.stderr
+    assert "not logged to a sweep run" in r.stdout and "1 run(s) outside any sweep (b8)" in r.stdout
+    assert not client.list_artifacts(parent, "report")
+    csv = pd.read_csv(tmp_path / "all" / "table1.csv")
+    b8 = csv[(csv["vocab"] == "bytes") & (csv["n"] == 8)]
+    assert sorted(b8["seeds"]) == [1, 2]  # the sweep's two seeds, and the other config alone
+    assert sorted(b8["config"]) == ["model.context=1024", "model.context=256"]
+    assert b8[b8["config"] == "model.context=1024"]["val/bpb"].item() == 4.0
+    text = (tmp_path / "all" / "report.md").read_text()
+    assert "averaged as seeds only when their resolved configs are equal apart from the seed" in text
+
+    r = report_cli(uri, "--experiment", "mixed", "--out", str(tmp_path / "sweep"), "--parent-run-id", parent)
+    assert r.returncode == 0, r.stderr
+    assert f"logged them to the sweep's MLflow run {parent}" in r.stdout
+    assert "b8" not in set(pd.read_csv(tmp_path / "sweep" / "runs.csv")["name"])
 
 
 def test_study_tag_dispatches_to_its_section(study, tmp_path, monkeypatch):

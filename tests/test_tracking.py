@@ -158,3 +158,37 @@ def test_git_commit_can_be_given_for_a_copy_without_its_own_git(monkeypatch):
     assert git_commit().split("-")[0] != "0123abc"
     monkeypatch.setenv("BYTELM_GIT_COMMIT", "0123abc")
     assert git_commit() == "0123abc"
+
+
+def test_experiments_open_as_training_runs_and_params_are_what_ran(tmp_path, client):
+    """The experiment is a model-training one for MLflow 3's UI (one made before gets the
+    tag too); a run's params are its config's values: the study's axes and sizes always,
+    other keys where they differ from the default, never the eval defaults; runs whose
+    configs differ only in the seed share a config_id."""
+    from bytelm.config import RunConfig, config_from_dict, flatten, to_dict
+    from bytelm.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KEY_PARAMS, get_or_create_experiment
+
+    old = client.create_experiment("made-before")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert get_or_create_experiment(client, "made-before") == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+    def run(name: str, overrides: dict) -> tuple[dict, object]:
+        cfg = to_dict(config_from_dict({"model": {"n_future": 4, "head_type": "unembed"}, **overrides}))
+        t = Tracker(tmp_path / name, cfg, experiment="workspace", run_name=name, use_mlflow=True)
+        t.set_status("finished")
+        return cfg, client.get_run(t.run_id)
+
+    cfg, r0 = run("s0", {"train": {"seed": 0}})
+    exp = client.get_experiment_by_name("workspace")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    flat, defaults = flatten(cfg), flatten(to_dict(RunConfig()))
+    params = r0.data.params
+    assert set(KEY_PARAMS) <= set(params)
+    assert {k for k in params if k not in KEY_PARAMS} == {"model.n_future", "model.head_type"} - set(KEY_PARAMS)
+    assert all(params[k] == str(flat[k]) for k in params)  # the values that ran
+    assert not any(k.startswith(("eval.", "tracking.")) for k in params)
+    assert len(params) < len(defaults) / 3
+    _, r1 = run("s1", {"train": {"seed": 1}})
+    _, r2 = run("long", {"train": {"seed": 0}, "model": {"n_future": 4, "head_type": "unembed", "context": 512}})
+    assert r0.data.tags["config_id"] == r1.data.tags["config_id"] != r2.data.tags["config_id"]

@@ -12,6 +12,7 @@ config (the other modes); flags override them. docs/evaluation.md describes the 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from bytelm.errors import UserError
 from bytelm.evaluation.runner import EvalSettings, check_outputs, run_checkpoint, run_reference, run_samples
@@ -42,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights while sampling (auto: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--max-problems", type=int, default=0, help="only the first M problems of each task (0 = all)")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="a prompt longer than the model's context keeps its last tokens (room is left for half the "
+                        "context of new tokens) instead of scoring 0 ungenerated; recorded per sample and in the summary")
+    p.add_argument("--allow-no-samples", action="store_true",
+                   help="exit 0 even when no sample could be generated (every prompt longer than the context)")
     p.add_argument("--timeout", type=float, help="wall-clock seconds per program (eval.timeout_s)")
     p.add_argument("--workers", type=int, help="programs run at once (eval.workers; 0 = every core)")
     p.add_argument("--data-dir", help="the benchmark data folder (eval.data_dir; default $BYTELM_DATA_DIR or ../shared/data)")
@@ -75,7 +81,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         batch_size=pick(args.batch_size, eval_cfg.batch_size),
         max_new_tokens=pick(args.max_new_tokens, eval_cfg.max_new_tokens),
         heads=pick(args.heads, eval_cfg.heads), seed=args.seed, device=args.device, dtype=args.dtype,
-        attention=args.attention,
+        attention=args.attention, truncate_prompts=args.truncate_prompts,
     )
     checks = [
         (s.n_samples >= 1, "--n-samples must be >= 1"),
@@ -113,7 +119,12 @@ def main(args: argparse.Namespace) -> int:
     if args.json:  # refused before any program runs
         check_outputs(args.json, inputs=[p for p in (args.samples, args.checkpoint) if p])
     if args.checkpoint:
-        run_checkpoint(args.checkpoint, tasks, settings, args.json)
+        summary = run_checkpoint(args.checkpoint, tasks, settings, args.json)
+        if not args.allow_no_samples and not any(v["samples_generated"] for v in summary["tasks"].values()):
+            print(f"bytelm eval: error: no sample could be generated: every prompt is longer than the model's context "
+                  f"({summary['context']} tokens); the zeros above are not a measurement (--truncate-prompts cuts "
+                  "prompts to fit, --allow-no-samples accepts this)", file=sys.stderr)
+            return 1
         return 0
     if not args.json:
         raise UserError("--json OUT is needed with --samples and --reference")

@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # torch is imported only in checkpoint mode
 # cap of 8 is a choice, not a measurement: with more heads a verify step reads more
 # positions, and how often drafts past 8 are kept when sampling was not measured.
 AUTO_HEADS = 8
+# pass@k values that also go to a run's summary/ metrics (its headline numbers in MLflow)
+SUMMARY_KS = (1, 10)
 
 
 @dataclass
@@ -67,11 +69,19 @@ class EvalSettings:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     attention: str = "auto"  # the decoding step's attention (bytelm.generate.ATTENTION_BACKENDS)
+    # a prompt longer than the context: False, it is not generated and its samples score 0;
+    # True, its first tokens are dropped so that it fits with room to generate (recorded per sample)
+    truncate_prompts: bool = False
 
 
 def problems_of(task: str, s: EvalSettings) -> list[Problem]:
+    return problems_and_total(task, s)[0]
+
+
+def problems_and_total(task: str, s: EvalSettings) -> tuple[list[Problem], int]:
+    """The problems evaluated (the first --max-problems) and how many the benchmark has."""
     problems = load_problems(task, s.data_dir, s.apps_path, s.apps_difficulty)
-    return problems[: s.max_problems] if s.max_problems else problems
+    return (problems[: s.max_problems] if s.max_problems else problems), len(problems)
 
 
 def open_executor(s: EvalSettings) -> Executor:
@@ -254,18 +264,31 @@ class _Sampler:
     # step, prefills, tokens per forward, and how often drafts are kept when sampling)
     decoding: dict = field(default_factory=dict)
 
-    def prompts(self, problems: list[Problem]) -> dict[str, list[int]]:
-        """The token ids of each prompt that fits the model's context, by task id."""
+    def prompts(self, problems: list[Problem], budget: int) -> tuple[dict[str, list[int]], set[str]]:
+        """The token ids of each prompt the model can continue, by task id, and the task ids
+        of those that were cut. A prompt of the context's length or more is left out, or with
+        `truncate_prompts` keeps only its last tokens: the context less room for
+        min(budget, context / 2) new tokens."""
         from bytelm.generate import encode_prompt
 
-        ids = {p.task_id: encode_prompt(self.tokenizer, p.prompt) for p in problems}
-        return {t: x for t, x in ids.items() if len(x) < self.model.cfg.context}
+        context = self.model.cfg.context
+        keep = context - min(budget, context // 2)
+        ids, truncated = {}, set()
+        for p in problems:
+            x = encode_prompt(self.tokenizer, p.prompt)
+            if len(x) >= context:
+                if not self.s.truncate_prompts:
+                    continue
+                x = x[-keep:]
+                truncated.add(p.task_id)
+            ids[p.task_id] = x
+        return ids, truncated
 
     def sample_and_run(self, ex: Executor, task: str, problems: list[Problem], ids: dict[str, list[int]], temp: float,
-                       temp_index: int) -> list[dict]:
+                       temp_index: int, truncated: set[str] = frozenset()) -> list[dict]:
         """n completions per problem at one temperature, each run in the sandbox; one
-        record per sample. `ids`: the prompts that fit (`prompts`); the others score 0
-        (they are not dropped)."""
+        record per sample. `ids`: the prompts that fit (`prompts`; `truncated`: those cut to
+        fit); the others score 0 (they are not dropped)."""
         from bytelm.generate import Decoder, cache_length, cut_at_stop
         from bytelm.speculative import Sampling
 
@@ -306,14 +329,33 @@ class _Sampler:
             r = future.result()
             status, reason = p.judge(r)
             records.append({"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": c,
+                            "prompt_truncated": p.task_id in truncated,
                             "status": status, "reason": reason, "passed": status == "passed",
                             "duration_s": r.duration_s, "network_isolated": r.network_isolated})
-        too_long = {"status": "error", "reason": f"prompt longer than the model's context ({self.model.cfg.context})",
+        too_long = {"prompt_truncated": False, "status": "error",
+                    "reason": f"prompt longer than the model's context ({self.model.cfg.context})",
                     "passed": False, "duration_s": 0.0, "network_isolated": ex.network_isolated}
         records += [{"task": task, "task_id": p.task_id, "temperature": temp, "sample": i, "completion": "", **too_long}
                     for p in problems if p.task_id in long for i in range(n)]
         order = {p.task_id: j for j, p in enumerate(problems)}
         return sorted(records, key=lambda r: (order[r["task_id"]], r["sample"]))
+
+
+def generation_notes(summary: dict) -> list[str]:
+    """One line per task whose prompts were cut or could not be generated: counts and why."""
+    lines, context = [], summary["context"]
+    for task, v in summary["tasks"].items():
+        n = v["n_problems"]
+        if v["prompts_too_long"]:
+            lines.append(
+                f"{task}: {v['prompts_too_long']} of {n} prompts are longer than the model's context ({context} tokens): "
+                f"{v['samples_not_generated']} of {v['samples_generated'] + v['samples_not_generated']} samples were "
+                "not generated and score 0 (train with a longer model.context, or pass --truncate-prompts to keep "
+                "each prompt's last tokens; docs/evaluation.md)")
+        if v["prompts_truncated"]:
+            lines.append(f"{task}: {v['prompts_truncated']} of {n} prompts were longer than the context ({context} "
+                         "tokens) and were cut to their last tokens (--truncate-prompts): those problems lost their start")
+    return lines
 
 
 def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSettings, out: str | os.PathLike | None = None) -> dict:
@@ -346,11 +388,12 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     t_start = time.perf_counter()
     with open_executor(s) as ex:
         for task in tasks:
-            problems = problems_of(task, s)
-            ids = sampler.prompts(problems)
+            problems, in_task = problems_and_total(task, s)
+            budget = s.max_new_tokens or max_new_tokens(TASKS[task], tokenizer.kind)
+            ids, truncated = sampler.prompts(problems, budget)
             per_t, by_t = {}, {}
             for ti, temp in enumerate(s.temperatures):
-                recs = sampler.sample_and_run(ex, task, problems, ids, temp, ti)
+                recs = sampler.sample_and_run(ex, task, problems, ids, temp, ti, truncated)
                 records += recs
                 per_t[f"{temp:g}"] = sc = score(recs)
                 by_t[temp] = {int(k): v for k, v in sc["pass_at_k"].items()}
@@ -360,23 +403,37 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
             for k, v in best.items():
                 metrics[f"pass_at_{k}/{task}/best"] = v["pass_at_k"]
                 metrics[f"pass_at_{k}/{task}/best_t"] = v["temperature"]
+                if k in SUMMARY_KS:
+                    metrics[f"summary/pass_at_{k}_{task}"] = v["pass_at_k"]
+            per_sample = s.n_samples * len(s.temperatures)
+            # what each pass@k rests on, for the report beside the paper's numbers
+            metrics.update({f"eval/{task}/problems": len(problems), f"eval/{task}/problems_in_task": in_task,
+                            f"eval/{task}/samples_generated": len(ids) * per_sample,
+                            f"eval/{task}/prompts_truncated": len(truncated)})
             summary["tasks"][task] = {
                 "n_problems": len(problems),
+                "n_problems_in_task": in_task,
                 "prompts_too_long": len(problems) - len(ids),
-                "max_new_tokens": s.max_new_tokens or max_new_tokens(TASKS[task], tokenizer.kind),
+                "prompts_truncated": len(truncated),
+                "samples_generated": len(ids) * per_sample,
+                "samples_not_generated": (len(problems) - len(ids)) * per_sample,
+                "max_new_tokens": budget,
                 "stop": list(TASKS[task].stop), "by_temperature": per_t, "best": {str(k): v for k, v in best.items()},
                 "decoding": {f"{t:g}": sampler.decoding[task, t].to_dict() for t in s.temperatures
                              if (task, t) in sampler.decoding},
             }
         summary["sandbox"] = ex.isolation
     metrics["eval/n_samples"] = s.n_samples  # samples per problem and temperature, for the report's caption
-    summary.update(metrics=metrics, generation_s=round(sampler.seconds, 2),
-                   total_s=round(time.perf_counter() - t_start, 2), results_file=results_path(out).name)
+    summary.update(metrics=metrics, generation_s=round(sampler.seconds, 2), truncate_prompts=s.truncate_prompts,
+                   context=model.cfg.context, total_s=round(time.perf_counter() - t_start, 2),
+                   results_file=results_path(out).name)
     write_outputs(out, summary, records)
     print_table([{"task": t, "temperature": temp, **sc}
                  for t, v in summary["tasks"].items() for temp, sc in v["by_temperature"].items()])
     for t, v in summary["tasks"].items():
         print(f"{t} oracle temperature: " + ", ".join(
             f"pass@{k} {b['pass_at_k']:.4f} (t={b['temperature']:g})" for k, b in v["best"].items()))
+    for line in generation_notes(summary):
+        print(f"bytelm eval: {line}", file=sys.stderr)
     log_to_run(run_dir, metrics, artifacts=[out, results_path(out)], step=step)
     return summary
