@@ -71,7 +71,7 @@ def paper_side_by_side(df: pd.DataFrame, runs: pd.DataFrame) -> str:
         paper = table1_rows(r["vocab"]).get((PAPER_DATA.get(r["vocab"], ""), int(r["n"])) if pd.notna(r["n"]) else None)
         if paper is None:
             continue
-        group = runs[runs["config_id"] == r["config_id"]]
+        group = runs[(runs["config_id"] == r["config_id"]) & (runs["vocab"] == r["vocab"]) & (runs["n"] == r["n"])]
         cells = [VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"])] + ([r["config"]] if "config" in df else [])
         for task in TASKS:
             ours = [r.get(f"pass_at_{k}/{task}/best", np.nan) for k in KS]

@@ -106,8 +106,8 @@ def summary(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[Column], 
     if runs["config"].astype(bool).any():
         labels.append("config")
     rows = []
-    # a row is one configuration (runs.config_id): its runs are seeds of it
-    for _, group in runs.groupby("config_id", sort=False):
+    # a row is one configuration (its labels and runs.config_id): its runs are seeds of it
+    for _, group in runs.groupby([*labels, "config_id"], dropna=False, sort=False):
         row = {a: group[a].iloc[0] for a in labels}
         row["config_id"] = group["config_id"].iloc[0]
         row["seeds"] = int(group["seed"].nunique()) if group["seed"].notna().any() else len(group)
