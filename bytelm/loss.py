@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +176,25 @@ def _sequential_backward(model, z, y, weights, groups, scale, ctx, compiled, per
             out.backward(state.grad)
 
 
+def spec_heads(n: int) -> list[int]:
+    """The head counts k the speculative telemetry reports: 2, 4, ..., and n."""
+    return sorted(set(range(2, n + 1, 2)) | {n}) if n > 1 else []
+
+
+def accepted_lengths(right: torch.Tensor, byte_lengths: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The length of a greedy self-speculative step with k heads under teacher forcing, at
+    every position, for k = 1..n: (tokens, bytes), each (..., n).
+
+    right (..., n) bool: head i's greedy token at the position is the true x_{t+i} (an
+    ignored target is not right). A step drafts x_{t+2..t+k} with heads 2..k and keeps
+    the drafts up to the first wrong one, plus head 1's token: 1 + the number of
+    consecutive right heads 2, 3, ... up to k, in tokens; in bytes, those tokens' UTF-8
+    bytes (the true text's, which the kept tokens are)."""
+    kept = torch.cat([torch.ones_like(right[..., :1]), right[..., 1:].long().cumprod(-1).bool()], dim=-1)
+    blen = byte_lengths[y.clamp(min=0)] * kept
+    return kept.long().cumsum(-1), blen.cumsum(-1)
+
+
 @dataclass
 class HeadStats:
     """Sums over an evaluation set, per head (0-based index)."""
@@ -184,10 +203,15 @@ class HeadStats:
     correct: list[int]
     targets: list[int]
     target_bytes: list[int]  # UTF-8 bytes of text the targets stand for
+    # speculative telemetry: positions with a next-token target, and the sums over them of
+    # a greedy self-speculative step's length with k = 1..n heads (accepted_lengths)
+    spec_positions: int = 0
+    spec_tokens: list[int] = field(default_factory=list)
+    spec_bytes: list[int] = field(default_factory=list)
 
     @classmethod
     def zeros(cls, n: int) -> "HeadStats":
-        return cls([0.0] * n, [0] * n, [0] * n, [0] * n)
+        return cls([0.0] * n, [0] * n, [0] * n, [0] * n, 0, [0] * n, [0] * n)
 
     def metrics(self, prefix: str = "val") -> dict[str, float]:
         out: dict[str, float] = {}
@@ -196,6 +220,9 @@ class HeadStats:
             out[f"{prefix}/loss/head_{h}"] = self.nll[i] / max(self.targets[i], 1)
             out[f"{prefix}/bpb/head_{h}"] = self.nll[i] / math.log(2) / max(self.target_bytes[i], 1)
             out[f"{prefix}/acc/head_{h}"] = self.correct[i] / max(self.targets[i], 1)
+        for k in spec_heads(len(self.nll)):
+            out[f"{prefix}/spec/accepted_tokens_k{k}"] = self.spec_tokens[k - 1] / max(self.spec_positions, 1)
+            out[f"{prefix}/spec/accepted_bytes_k{k}"] = self.spec_bytes[k - 1] / max(self.spec_positions, 1)
         out[f"{prefix}/loss"] = out[f"{prefix}/loss/head_1"]
         out[f"{prefix}/bpb"] = out[f"{prefix}/bpb/head_1"]
         return out
@@ -210,7 +237,8 @@ def accumulate_head_stats(
     stats: HeadStats,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> None:
-    """Adds one batch's per-head NLL, accuracy and byte counts to `stats`.
+    """Adds one batch's per-head NLL, accuracy and byte counts to `stats`, and the
+    speculative telemetry (accepted_lengths) over its positions with a next-token target.
 
     Bits per byte (DESIGN.md): summed NLL over ln 2 over the UTF-8 bytes of the targets.
     For a byte model every target is one byte (EOS: zero bytes); for a token model each
@@ -219,13 +247,21 @@ def accumulate_head_stats(
     with ctx:
         z = model.trunk(x)
         inputs = list(model.head_inputs(z, y, len(stats.nll)))
+    right = []
     for i, h in inputs:
         with ctx:
             logits = upcast(model.head_logits(i, h))
         t = y[..., i]
         valid = t != IGNORE
         nll = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=IGNORE, reduction="sum")
+        right.append((logits.argmax(-1) == t) & valid)
         stats.nll[i] += float(nll)
-        stats.correct[i] += int(((logits.argmax(-1) == t) & valid).sum())
+        stats.correct[i] += int(right[-1].sum())
         stats.targets[i] += int(valid.sum())
         stats.target_bytes[i] += int(byte_lengths[t.clamp(min=0)][valid].sum())
+    tokens, nbytes = accepted_lengths(torch.stack(right, dim=-1), byte_lengths, y[..., : len(right)])
+    first = y[..., 0] != IGNORE
+    stats.spec_positions += int(first.sum())
+    for k, (a, b) in enumerate(zip(tokens[first].sum(0).tolist(), nbytes[first].sum(0).tolist())):
+        stats.spec_tokens[k] += int(a)
+        stats.spec_bytes[k] += int(b)
