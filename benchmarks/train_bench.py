@@ -1,6 +1,6 @@
 """Training throughput, MFU and peak memory of the training step, per configuration.
 
-    python benchmarks/train_bench.py --json out.json [--preset h200|cpu] [--only NAME,...]
+    python benchmarks/train_bench.py --json out.json [--preset h200|mtp|cpu|cpu-mtp] [--only NAME,...]
 
 Runs the training loop's own `optimizer_step` (bytelm.train) on random token ids — the
 step's cost does not depend on the data — after a few warm-up steps (compilation), and
@@ -8,7 +8,9 @@ prints a table: ms/step, tokens/s, bytes/s (byte models: = tokens/s; token model
 tokens/s × --bytes-per-token, the measured bytes per token of the BPE on the validation
 split, docs/data.md), MFU against the GPU's dense bf16 datasheet peak with every head's
 FLOPs included (model.flops_per_token), the step-time ratio to n=1 of the same arm, and
-peak GPU memory.
+peak GPU memory. The heads' loss weights are those a configuration's `train.mtp_schedule`
+gives at step 0 (the `mtp` preset: head types, and a forward curriculum's first stage, whose
+zero-weight heads the loss skips); MFU then counts the FLOPs of the heads the step computes.
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ import torch
 
 from bytelm.config import load_config
 from bytelm.model import MTPTransformer
+from bytelm.mtp_schedule import head_weights
 from bytelm.train import StepSetup, autocast_for, compile_model, make_optimizer, optimizer_step, peak_flops
 
 BYTE_100M = ["model.n_layers=14", "model.d_model=768", "model.n_heads=12", "model.vocab_size=258", "model.head_type=unembed"]
 TOKEN_135M = ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.vocab_size=32768", "model.head_type=transformer"]
 CTX_BATCH = ["model.context=2048", "train.batch_size=32"]
+
+# The MTP options on the byte arm: head types at n = 2 and 4 against n = 1, and a forward
+# curriculum's first stage (head 1 alone: the other heads' weights 0) at n = 4.
+BYTE_100M_TYPES = ["model.n_layers=14", "model.d_model=768", "model.n_heads=12", "model.vocab_size=258"]
+FIRST_STAGE = ["train.mtp_schedule.kind=forward"]
 
 PRESETS = {
     "h200": {
@@ -37,6 +45,20 @@ PRESETS = {
         **{f"tokens-n{n}": TOKEN_135M + CTX_BATCH + [f"model.n_future={n}"] for n in (1, 2, 4, 8)},
         "tokens-n4-naive": TOKEN_135M + CTX_BATCH + ["model.n_future=4", "train.loss_mode=naive"],
         "bytes-n32-naive": BYTE_100M + CTX_BATCH + ["model.n_future=32", "train.loss_mode=naive"],
+    },
+    "mtp": {
+        "bytes-n1": BYTE_100M_TYPES + CTX_BATCH + ["model.head_type=unembed", "model.n_future=1"],
+        **{f"bytes-{ht}-n{n}": BYTE_100M_TYPES + CTX_BATCH + [f"model.head_type={ht}", f"model.n_future={n}"]
+           for ht in ("unembed", "transformer", "sequential") for n in (2, 4)},
+        **{f"bytes-{ht}-n4-stage1": BYTE_100M_TYPES + CTX_BATCH + [f"model.head_type={ht}", "model.n_future=4"] + FIRST_STAGE
+           for ht in ("unembed", "transformer", "sequential")},
+    },
+    "cpu-mtp": {
+        **{f"bytes-{ht}-n{n}": ["model.n_layers=5", "model.d_model=128", "model.vocab_size=258", "model.context=256",
+                                "train.batch_size=8", f"model.head_type={ht}", f"model.n_future={n}"]
+           for ht, n in (("unembed", 1), ("sequential", 4))},
+        "bytes-sequential-n4-stage1": ["model.n_layers=5", "model.d_model=128", "model.vocab_size=258", "model.context=256",
+                                       "train.batch_size=8", "model.head_type=sequential", "model.n_future=4"] + FIRST_STAGE,
     },
     "cpu": {
         **{f"bytes-n{n}": ["model.n_layers=4", "model.d_model=128", "model.vocab_size=258", "model.head_type=unembed",
@@ -61,7 +83,8 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
     if compiled:
         compile_model(model)
     autocast = autocast_for(cfg, device)
-    weights = [1.0] * m.n_future
+    weights = head_weights(t, m.n_future, 0)
+    computed = max(i for i, w in enumerate(weights) if w) + 1  # heads 1..computed (sequential: all up to the last)
     x = torch.randint(0, m.vocab_size, (t.batch_size, m.context))
     y = torch.randint(0, m.vocab_size, (t.batch_size, m.context, m.n_future))
     micro = t.micro_batch_size or t.batch_size
@@ -86,13 +109,14 @@ def bench(name: str, overrides: list[str], steps: int, warmup: int, device: torc
     dt = (time.perf_counter() - t0) / steps
     breakdown = profile_steps(step, device) if profile else None
     tokens = t.batch_size * m.context
-    flops = model.flops_per_token(m.context)
+    flops = model.flops_per_token(m.context, n_heads=computed)
     peak = peak_flops(device)
     is_bytes = m.vocab_size <= 512
     return {
         "name": name,
         "n_future": m.n_future,
         "head_type": m.head_type,
+        "loss_weights": weights,
         "loss_mode": t.loss_mode,
         "params": model.param_counts()["params"],
         "context": m.context,
@@ -160,10 +184,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
-    # step-time ratio against n=1 of the same arm (same loss mode)
+    # step-time ratio against n=1 of the same arm (same loss mode); head types with no n=1
+    # row of their own (sequential heads need n >= 2) against the n=1 row of the context
     base = {(r["head_type"], r["context"]): r for r in rows if r["n_future"] == 1}
+    any_n1 = {r["context"]: r for r in rows if r["n_future"] == 1}
     for r in rows:
-        b = base.get((r["head_type"], r["context"]))
+        b = base.get((r["head_type"], r["context"])) or any_n1.get(r["context"])
         r["step_time_vs_n1"] = r["ms_per_step"] / b["ms_per_step"] if b else None
         r["mfu_vs_n1"] = r["mfu"] / b["mfu"] if b and r["mfu"] and b["mfu"] else None
     from tabulate import tabulate
