@@ -10,8 +10,9 @@ from analysis import plots
 from analysis.paper_numbers import KS, TABLE1_CAPTION, TABLE_S3, TABLE_S3_CAPTION, TASK_TITLES, TASKS, table1_rows
 from analysis.runs import metric_history, pass_metrics, spec_metrics
 from analysis.sections import ReportContext, Section
-from analysis.tables import VOCAB_ORDER, VOCAB_TITLES, csv_frame, human, latex_table, render, summary
+from analysis.tables import VOCAB_ORDER, VOCAB_TITLES, csv_frame, latex_table, render, summary
 from bytelm.fileio import write_text
+from bytelm.units import human
 
 # the paper's rows each of our vocabularies is set beside (Table 1's 200B-token block is
 # the one with n = 1, 2, 4, 6, 8)

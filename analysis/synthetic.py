@@ -23,9 +23,9 @@ import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from analysis.sections import ReportContext, Section  # noqa: E402
-from analysis.tables import VOCAB_ORDER, VOCAB_TITLES, human  # noqa: E402
+from analysis.tables import VOCAB_ORDER, VOCAB_TITLES  # noqa: E402
 from bytelm.fileio import atomic_path, write_text  # noqa: E402
-from bytelm.synthetic_eval import TRAIN_M_MAX  # noqa: E402
+from bytelm.units import human  # noqa: E402
 
 PARAMS = "model/params_non_embedding"
 LABELS = ["vocab", "size", "n"]  # one point of a figure, seeds pooled
@@ -36,6 +36,7 @@ INDUCTION_METRICS = {
     "induction/acc_bytes": "bytes: bytes 2.. of a repeated name",
 }
 POLY_M = re.compile(r"^poly/acc/m(\d+)$")
+M_TRAIN_MAX = "poly/m_train_max"  # the data set's training range of m, logged with the accuracies
 SPREAD = "mean ± sample standard deviation over seeds (with two seeds, |a − b|/√2; no ± with one)"
 
 
@@ -159,7 +160,14 @@ def induction_figure(panels: dict[str, pd.DataFrame], path: Path) -> None:
     save_png(fig, path)
 
 
-def poly_figure(by_m: pd.DataFrame, path: Path) -> None:
+def m_train_max(runs: pd.DataFrame) -> int | None:
+    """The largest m of the runs' training data (m above it is out of domain), as
+    `bytelm synth eval` logged it; None where the runs do not say, or disagree."""
+    values = runs[M_TRAIN_MAX].dropna().unique() if M_TRAIN_MAX in runs else []
+    return int(values[0]) if len(values) == 1 else None
+
+
+def poly_figure(by_m: pd.DataFrame, path: Path, m_max: int | None) -> None:
     """Fig. 8: exact match against m, one line per n, a panel per (vocabulary, size); the
     out-of-domain m (never seen in training) shaded."""
     panels = list(by_m.groupby(["vocab", "size"], sort=False))
@@ -169,9 +177,8 @@ def poly_figure(by_m: pd.DataFrame, path: Path) -> None:
     colors = {n: f"C{i}" for i, n in enumerate(sorted(by_m["n"].dropna().unique()))}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False, sharey=True)
     for ax, ((vocab, size), g) in zip(axes[0], panels):
-        if max(ms) > TRAIN_M_MAX:
-            ax.axvspan(TRAIN_M_MAX + 0.5, max(ms) + 0.5, color="gray", alpha=0.15,
-                       label=f"out of domain (m > {TRAIN_M_MAX})")
+        if m_max is not None and max(ms) > m_max:
+            ax.axvspan(m_max + 0.5, max(ms) + 0.5, color="gray", alpha=0.15, label=f"out of domain (m > {m_max})")
         for n, line in g.groupby("n", sort=True):
             line = line.sort_values("m")
             errorbars(ax, line["m"], line, n_title(n), colors.get(n))
@@ -265,7 +272,7 @@ def by_config(stats: pd.DataFrame) -> dict[tuple, pd.Series]:
     return {(r["vocab"], r["size"], r["n"]): r for _, r in stats.iterrows()}
 
 
-def poly_table(configs: pd.DataFrame, in_domain: pd.DataFrame, ood: pd.DataFrame) -> str:
+def poly_table(configs: pd.DataFrame, in_domain: pd.DataFrame, ood: pd.DataFrame, m_max: int | None) -> str:
     """Rows (vocabulary, size, n), in the order of `configs`: seeds, in-domain and
     out-of-domain exact match."""
     ind, out = by_config(in_domain), by_config(ood)
@@ -274,8 +281,8 @@ def poly_table(configs: pd.DataFrame, in_domain: pd.DataFrame, ood: pd.DataFrame
         seeds = ind[key]["seeds"] if key in ind else c["seeds"]
         rows.append([vocab_title(c["vocab"]), c["size"], human(c["params_non_embedding"]), n_title(c["n"]),
                      int(seeds), *(pm(s[key]) if key in s else "–" for s in (ind, out))])
-    headers = ["vocab", "size", "non-emb. params", "n", "seeds", f"in domain, m ≤ {TRAIN_M_MAX} (%)",
-               f"out of domain, m > {TRAIN_M_MAX} (%)"]
+    within, beyond = (f", m ≤ {m_max}", f", m > {m_max}") if m_max is not None else ("", "")
+    headers = ["vocab", "size", "non-emb. params", "n", "seeds", f"in domain{within} (%)", f"out of domain{beyond} (%)"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -297,11 +304,13 @@ def poly_section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
                               "(`bytelm synth eval --task poly`); nothing to draw.\n")
     by_m = pd.concat([seed_stats(runs, c).assign(m=m) for m, c in m_cols], ignore_index=True)
     in_domain, ood = seed_stats(runs, "poly/acc_in_domain"), seed_stats(runs, "poly/acc_ood")
-    caption = (f"Exact match (%) of the greedy answer (all 5 coefficients), pooled over the test problems of "
-               f"m = 1..{TRAIN_M_MAX} (in domain, the training range) and of m > {TRAIN_M_MAX} (out of domain); "
+    m_max = m_train_max(runs)
+    ranges = (f"m = 1..{m_max} (in domain, the training range) and of m > {m_max} (out of domain)" if m_max is not None
+              else "the training range of m (in domain) and of larger m (out of domain)")
+    caption = (f"Exact match (%) of the greedy answer (all 5 coefficients), pooled over the test problems of {ranges}; "
                f"{SPREAD}. Seeds: runs with the metric. Non-embedding parameters: `{PARAMS}`.")
     configs = by_m[by_m["m"] == m_cols[0][0]]  # every (vocabulary, size, n), in order
-    body = [poly_table(configs, in_domain, ood), "", "Against n = 1 of the same size:\n"]
+    body = [poly_table(configs, in_domain, ood, m_max), "", "Against n = 1 of the same size:\n"]
     ind, out = by_config(in_domain), by_config(ood)
     for where, other, base in comparisons(configs):
         key, base_key = (other["vocab"], other["size"], other["n"]), (base["vocab"], base["size"], base["n"])
@@ -314,7 +323,7 @@ def poly_section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     write_text(ctx.out / "poly.md", "\n".join(body))
     csv = pd.concat([s for s in (in_domain, ood, by_m.drop(columns="m")) if len(s)], ignore_index=True)
     write_text(ctx.out / "poly.csv", csv.to_csv(index=False))
-    poly_figure(by_m, ctx.out / "poly.png")
+    poly_figure(by_m, ctx.out / "poly.png", m_max)
     text = ["Exact match against the number of operations m per n and size, as in the paper's Fig. 8 (the paper: "
             "n > 1 helps at every m, most out of domain). The table is also in `poly.md`; every point (in domain, "
             "out of domain, each m) with mean, std, min, max and seeds in `poly.csv` (fractions).\n", *body,

@@ -19,19 +19,10 @@ from tabulate import tabulate
 
 from analysis.paper_numbers import KS, TASK_TITLES, TASKS
 from analysis.runs import config_differences, grid_axes, spec_metrics
+from bytelm.units import human
 
 VOCAB_ORDER = {"bytes": 0, "bpe": 1}
 VOCAB_TITLES = {"bytes": "bytes", "bpe": "BPE"}
-
-
-def human(x: float) -> str:
-    """1234567 -> '1.23M' (training bytes and FLOPs span many orders of magnitude)."""
-    if x is None or not np.isfinite(x):
-        return "–"
-    for div, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.3g}"
 
 
 @dataclass

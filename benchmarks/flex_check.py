@@ -16,7 +16,7 @@ a case that crashes the process (a CUDA error is fatal to it) leaves the earlier
 Options: none (PyTorch's choices), splitN (SPLIT_KV=N, the decoding kernel's cache split),
 force_flex (FORCE_USE_FLEX_ATTENTION: FlexAttention's main kernel instead of the decoding
 one; the decoder's steps never use it, their queries being short. On an H200 with torch
-2.11 it was wrong here by 0.3-0.7 and crashed once, 2026-11-30, docs/decoding.md).
+2.11 it is wrong here by 0.3-0.7 and can crash the process: docs/decoding.md).
 
 `--decoder` then audits whole decoders the same way decode-bench does, on random weights
 of the main study's byte shape (a random model's greedy tokens must also be exact): each

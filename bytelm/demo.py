@@ -14,24 +14,20 @@ trained heads. The demo shows the machinery; the GPU studies (docs/results/) sho
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import time
 from pathlib import Path
 
-import experiments
+from bytelm.paths import config_path, data_dir
 from bytelm.tracking import mlflow_uri
-
-SPEC = Path(experiments.__file__).resolve().parent / "sweeps" / "smoke.yaml"
 
 
 def run(command: list[str]) -> None:
     """Runs one `bytelm` subcommand in this process, as the CLI would."""
-    from bytelm.cli import COMMANDS, build_parser
+    from bytelm.cli import run_command
 
     print(f"\n$ bytelm {' '.join(command)}", flush=True)
-    args = build_parser(load=command[0]).parse_args(command)
-    rc = importlib.import_module(COMMANDS[command[0]][0]).main(args)
+    rc = run_command(command)
     if rc:
         raise SystemExit(rc)
 
@@ -44,13 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["BYTELM_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    from bytelm.paths import data_dir
-
     data_dir()  # fail now, with the message that says how to point at the data
+    spec = config_path("sweeps/smoke.yaml")
     began = time.time()
     out = Path(args.out)
     run(["prepare", "--preset", "smoke"])
-    run(["sweep", str(SPEC), "--out", str(out / "smoke")])
+    run(["sweep", str(spec), "--out", str(out / "smoke")])
     run(["report", "--experiment", "smoke", "--out", str(out / "smoke" / "report")])
     uri = mlflow_uri()
     print(

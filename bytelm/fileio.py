@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename.
+"""Reading and writing the suite's files.
 
 An interrupted step never leaves a half-written checkpoint, shard, config or report, and
 a command never destroys what it did not make:
@@ -11,11 +11,14 @@ a command never destroys what it did not make:
 Anything else is refused with one line before anything is touched. The temporary beside
 the output is named `.<name>.~<pid>@<host>~<random>`, so a later successful write of the
 same kind can tell that one was left by a process that died (kill -9) and remove it.
+
+JSONL files (plain or gzipped) are read by `iter_jsonl`/`read_jsonl` alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -165,3 +168,49 @@ def write_text(path: str | os.PathLike, text: str, *, inputs: Iterable = ()) -> 
 
 def write_json(path: str | os.PathLike, obj: Any, *, inputs: Iterable = ()) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", inputs=inputs)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any], *, inputs: Iterable = ()) -> None:
+    """One JSON value per line. Non-ASCII characters are escaped: a completion may hold a
+    lone surrogate, which UTF-8 cannot encode."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows), inputs=inputs)
+
+
+def iter_jsonl(path: str | os.PathLike, *, appending: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file, `.gz` or plain.
+
+    A missing file, or a line that is not JSON, is a UserError naming the file (and the
+    line). `appending`: the file is a log that a process appends to, and may not have
+    begun: a missing file has no lines, and a cut-off last line (the process was killed
+    while writing it) is dropped."""
+    path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    bad: tuple[int, str] | None = None  # (line, why) of a line that did not parse
+    followed = False  # a non-blank line came after it
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if bad:
+                    followed = True
+                    break
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad = (n, e.msg)
+                    continue
+                yield n, value
+    except FileNotFoundError:
+        if appending:
+            return
+        raise UserError(f"{path} not found") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if bad and (followed or not appending):
+        raise UserError(f"{path} line {bad[0]} is not valid JSON: {bad[1]}")
+
+
+def read_jsonl(path: str | os.PathLike, *, appending: bool = False) -> list[Any]:
+    """The values of a JSONL file's non-blank lines (see `iter_jsonl`)."""
+    return [value for _, value in iter_jsonl(path, appending=appending)]

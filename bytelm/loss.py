@@ -7,7 +7,7 @@ lies in another document), so no head ever learns across a document boundary.
 output z, then for each head forward → loss → backward at once into z's gradient, so only
 one head's logits (B·T·V floats) are alive at a time; finally one backward through the
 trunk with the accumulated gradient. `naive` builds one graph with every head's logits.
-Both give the same loss and the same gradients (tests/test_loss.py).
+Both give the same loss and the same gradients (tests/test_model_loss.py).
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def accumulate_head_stats(
     """Adds one batch's per-head NLL, accuracy and byte counts to `stats`, and the
     speculative telemetry (accepted_lengths) over its positions with a next-token target.
 
-    Bits per byte (DESIGN.md): summed NLL over ln 2 over the UTF-8 bytes of the targets.
+    Bits per byte (docs/architecture.md, metric names): summed NLL over ln 2 over the UTF-8 bytes of the targets.
     For a byte model every target is one byte (EOS: zero bytes); for a token model each
     target counts the bytes of its token. So the two arms compare on the same text."""
     ctx = autocast or contextlib.nullcontext()

@@ -33,6 +33,7 @@ from bytelm.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
 TOKEN_FORMAT = "bytelm-shards/1"
 CORPUS_FORMAT = "bytelm-corpus/1"
+SYNTH_FORMAT = "bytelm-synth/1"  # the manifest.json of a `bytelm synth` data set
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MiB of uint16 per shard
 IGNORE_INDEX = -100  # the target value that cross-entropy skips
 

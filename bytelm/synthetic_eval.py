@@ -1,4 +1,12 @@
-"""Metrics of the synthetic tasks, computed from a trained model (docs/synthetic.md).
+"""`bytelm synth eval`: the metrics of the synthetic tasks, computed from a trained model
+(docs/synthetic.md).
+
+    bytelm synth eval --task induction|poly --checkpoint RUN_DIR [--checkpoints latest|all] [--data DIR] [--json OUT]
+
+scores a trained model on the test sets that `bytelm synth induction|poly` wrote, prints
+the numbers, writes them as JSON and logs them into the run's MLflow run. What the data
+set decides (its test files, the answer's end marker, the training range of m) is read
+from its manifest.json.
 
 Induction (teacher-forced, head 1): a name of a test story is scored at each occurrence
 on the tokens of the name after its first token, each predicted from the position
@@ -12,32 +20,31 @@ coefficients, per number of operations m.
 
 Metric names: `induction/acc` (BPE) or `induction/acc_bytes` (bytes), with `_name` (all
 scored tokens of an occurrence right) and `_first` (first occurrences);
-`poly/acc/m{m}`, `poly/acc_in_domain` (m <= 5), `poly/acc_ood` (m > 5).
+`poly/acc/m{m}`, `poly/acc_in_domain` (m in the training range, 1..m_train_max),
+`poly/acc_ood` (larger m), and `poly/m_train_max` itself, so that a report can say where
+the domain ends.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from bytelm.errors import UserError
+from bytelm.fileio import read_jsonl, write_json
+from bytelm.shards import SYNTH_FORMAT, sha256_file
 from bytelm.tokenizers import Tokenizer
 
-TRAIN_M_MAX = 5  # training draws m in 1..5: larger m is out of domain
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"test file {path} not found (run `bytelm synth` to make the data set)")
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not JSONL: {e}") from None
+# the test metric that picks the oracle checkpoint (--checkpoints all), the first a task logs
+ORACLE_METRICS = ("induction/acc", "induction/acc_bytes", "poly/acc_in_domain")
 
 
 # ----------------------------------------------------------------------------- induction
@@ -162,36 +169,193 @@ def induction_accuracy(
 
 @dataclass
 class PolyResult:
+    m_train_max: int  # training drew m in 1..m_train_max: larger m is out of domain
     correct: dict[int, int] = field(default_factory=dict)  # m -> exact matches
     total: dict[int, int] = field(default_factory=dict)
     too_long: dict[int, int] = field(default_factory=dict)  # prompts that did not fit (counted wrong)
 
     def metrics(self) -> dict[str, float]:
         out = {f"poly/acc/m{m}": self.correct[m] / self.total[m] for m in sorted(self.total)}
-        for name, keep in (("in_domain", lambda m: m <= TRAIN_M_MAX), ("ood", lambda m: m > TRAIN_M_MAX)):
+        for name, keep in (("in_domain", lambda m: m <= self.m_train_max), ("ood", lambda m: m > self.m_train_max)):
             ms = [m for m in self.total if keep(m)]
             if ms:
                 out[f"poly/acc_{name}"] = sum(self.correct[m] for m in ms) / sum(self.total[m] for m in ms)
+        out["poly/m_train_max"] = float(self.m_train_max)
         return out
 
 
-def is_correct(completion: str, answer: str) -> bool:
-    """Exact match: the completion up to the end marker is the 5 coefficients."""
-    from data_prep.polynomials import END
-
-    return completion.split(END, 1)[0] == answer
+def is_correct(completion: str, answer: str, end: str) -> bool:
+    """Exact match: the completion up to the end marker `end` is the answer."""
+    return completion.split(end, 1)[0] == answer
 
 
 def poly_accuracy(
-    complete: Callable[[list[str]], list[str]], records_by_m: dict[int, list[dict]], fits: Callable[[str], bool]
+    complete: Callable[[list[str]], list[str]], records_by_m: dict[int, list[dict]], fits: Callable[[str], bool],
+    end: str, m_train_max: int,
 ) -> PolyResult:
     """`complete` maps prompts to greedy completions; `fits` says whether a prompt leaves
-    room in the model's context for the answer."""
-    res = PolyResult()
+    room in the model's context for the answer; `end` ends an answer, and m up to
+    `m_train_max` is in domain (both from the data set's manifest)."""
+    res = PolyResult(m_train_max)
     for m, records in sorted(records_by_m.items()):
         ok = [r for r in records if fits(r["prompt"])]
         outs = complete([r["prompt"] for r in ok]) if ok else []
-        res.correct[m] = sum(is_correct(o, r["answer"]) for o, r in zip(outs, ok))
+        res.correct[m] = sum(is_correct(o, r["answer"], end) for o, r in zip(outs, ok))
         res.total[m] = len(records)
         res.too_long[m] = len(records) - len(ok)
     return res
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=["induction", "poly"])
+    p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or a checkpoint folder")
+    p.add_argument("--checkpoints", default="latest", choices=["latest", "all"],
+                   help="all: every step checkpoint the run kept, and the best of them by the test metric "
+                        "(the paper's epoch oracle, logged as oracle/<metric>); default latest")
+    p.add_argument("--data", type=Path, help="the folder `bytelm synth induction|poly` wrote (default: the run's data.root)")
+    p.add_argument("--json", type=Path, help="write the results here (default RUN_DIR/eval/synth_TASK.json)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=0, help="stories or prompts per forward (default 8 / 256)")
+    p.add_argument("--max-per-m", type=int, default=0, help="poly: score only the first N expressions per m (0: all)")
+    p.add_argument("--m-max", type=int, default=0, help="poly: score m in 1..this only (0: every test file)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return evaluate(args)
+
+
+def read_manifest(data: Path, task: str) -> dict:
+    """The manifest of a `bytelm synth TASK` data set, with the keys the evaluation reads."""
+    path = data / "manifest.json"
+    make = f"make it with `bytelm synth {task} --out DIR`"
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"{data} holds no manifest.json: it is not a `bytelm synth {task}` data set ({make})") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {make}") from None
+    if manifest.get("format") != SYNTH_FORMAT or manifest.get("task") != task:
+        raise UserError(f"{data} is not a `bytelm synth {task}` data set (its manifest says format "
+                        f"{manifest.get('format')!r}, task {manifest.get('task')!r}); {make}")
+    needs = ["test_file"] if task == "induction" else ["test_files", "answer_end", "options"]
+    missing = [k for k in needs if k not in manifest]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: the data set was made by an older `bytelm synth "
+                        f"{task}`; make it again with `bytelm synth {task} --out DIR` (same options, same data)")
+    return manifest
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is visible here")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
+def _check_tokenizer(tokenizer: Tokenizer, data: Path) -> None:
+    """A BPE model must use the data set's BPE: the test names are two tokens under it."""
+    if tokenizer.kind != "bpe":
+        return
+    ours = data / "bpe" / "tokenizer.json"
+    if not ours.is_file() or sha256_file(ours) != sha256_file(tokenizer.path):
+        raise UserError(f"the model's BPE is not {ours}: train on this data set (data.root={data}) to evaluate on it")
+
+
+def evaluate(args) -> int:
+    """Scores the latest checkpoint, or with --checkpoints all every step checkpoint the run
+    kept (each logged at its step), then picks the paper's "epoch oracle": the checkpoint
+    with the best headline test metric (ORACLE_METRICS), logged as oracle/<metric>."""
+    from bytelm.checkpoint import (list_checkpoints, load_config, load_model, load_tokenizer_of, read_state,
+                                   resolve_checkpoint, run_dir_of)
+    from bytelm.tracking import log_to_run
+
+    latest = resolve_checkpoint(args.checkpoint)
+    run_dir = run_dir_of(latest)
+    ckpts = [latest]
+    if args.checkpoints == "all":
+        if Path(args.checkpoint).resolve() != run_dir.resolve() or not list_checkpoints(run_dir):
+            raise UserError(f"--checkpoints all needs a run directory with step checkpoints, got {args.checkpoint}")
+        ckpts = list_checkpoints(run_dir)
+    out = args.json or run_dir / "eval" / f"synth_{args.task}.json"
+    # one run's checkpoints share its data set and tokenizer: checked, and the tests read, once
+    args.data = args.data or Path(load_config(latest).data.root)
+    if not args.data.is_dir():
+        raise UserError(f"--data {args.data} is not a folder (make it with `bytelm synth {args.task} --out DIR`)")
+    manifest = read_manifest(args.data, args.task)
+    _check_tokenizer(load_tokenizer_of(latest), args.data)
+    tests = _read_tests(args, manifest)
+    device = _device(args.device)
+    t0 = time.time()
+    by_step = []
+    for i, ckpt in enumerate(ckpts):
+        model, tokenizer, cfg = load_model(ckpt, device=device)
+        step = read_state(ckpt).get("step")
+        metrics, details, table = _score(args, manifest, tests, model, tokenizer, cfg)
+        by_step.append({"step": step, "checkpoint": str(ckpt), "metrics": metrics, "details": details})
+        print(f"step {step}:\n{table}")
+        print("\n".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
+        if i < len(ckpts) - 1:  # the last is logged below, with the oracle and the JSON
+            log_to_run(run_dir, metrics, step=step)
+    last = by_step[-1]
+    logged = last["metrics"]
+    result = {"task": args.task, "checkpoint": last["checkpoint"], "step": last["step"], "data": str(args.data),
+              "metrics": last["metrics"], "details": last["details"], "seconds": time.time() - t0}
+    if args.checkpoints == "all":
+        name = next(m for m in ORACLE_METRICS if m in last["metrics"])
+        best = max(by_step, key=lambda r: r["metrics"][name])  # the earliest of equals
+        result |= {"by_step": [{k: r[k] for k in ("step", "metrics")} for r in by_step],
+                   "oracle": {"metric": name, "step": best["step"], "metrics": best["metrics"]}}
+        logged = logged | {f"oracle/{k}": v for k, v in best["metrics"].items()} | {"oracle/step": best["step"]}
+        print(f"oracle ({name}): step {best['step']}, {best['metrics'][name]:.4f}")
+    write_json(out, result)
+    log_to_run(run_dir, logged, artifacts=[out] if out.resolve().is_relative_to(run_dir.resolve()) else [], step=last["step"])
+    print(f"synth eval: {args.task}, {len(by_step)} checkpoint(s) in {result['seconds']:.1f} s -> {out}")
+    return 0
+
+
+def _read_tests(args: argparse.Namespace, manifest: dict):
+    """The task's test sets in args.data, as its manifest lists them: induction's stories,
+    or poly's problems by m."""
+    if args.task == "induction":
+        return read_jsonl(args.data / manifest["test_file"])
+    files = {int(m): args.data / f for m, f in manifest["test_files"].items()}
+    by_m = {}
+    for m in sorted(m for m in files if not args.m_max or m <= args.m_max):
+        recs = read_jsonl(files[m])
+        by_m[m] = recs[: args.max_per_m] if args.max_per_m else recs
+    return by_m
+
+
+def _score(args: argparse.Namespace, manifest: dict, tests, model, tokenizer: Tokenizer, cfg) -> tuple[dict, dict, str]:
+    """(metrics, details, printed table) of one model on the task's test sets (`_read_tests`)."""
+    if args.task == "induction":
+        res = induction_accuracy(argmax_head1(model), tokenizer, tests, cfg.model.context, args.batch_size or 8)
+        details = {"stories": res.stories, "occurrences_beyond_context": res.cut,
+                   "repeated": vars(res.repeated), "first": vars(res.first)}
+        rows = [["repeated (induction)", res.repeated.correct, res.repeated.total, f"{res.repeated.acc():.4f}",
+                 f"{res.repeated.name_acc():.4f}"],
+                ["first occurrence", res.first.correct, res.first.total, f"{res.first.acc():.4f}", f"{res.first.name_acc():.4f}"]]
+        return res.metrics(), details, tabulate(rows, headers=["occurrences", "correct", "scored", "accuracy", "whole name"])
+
+    from bytelm.generate import encode_prompt, generate
+
+    end = manifest["answer_end"]
+    max_new = 16  # "c c c c c;" is 10 bytes, at most 10 tokens
+
+    def complete(prompts: list[str]) -> list[str]:
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new, temperature=0.0, stop=[end], heads=1,
+                        batch_size=args.batch_size or 256)
+
+    def fits(prompt: str) -> bool:
+        return len(encode_prompt(tokenizer, prompt)) + max_new <= cfg.model.context
+
+    res = poly_accuracy(complete, tests, fits, end, manifest["options"]["m_train_max"])
+    details = {"correct": res.correct, "total": res.total, "prompt_too_long": res.too_long}
+    rows = [[m, res.correct[m], res.total[m], res.too_long[m], f"{res.correct[m] / res.total[m]:.4f}"] for m in sorted(res.total)]
+    return res.metrics(), details, tabulate(rows, headers=["m", "correct", "total", "too long", "accuracy"])

@@ -28,9 +28,9 @@ from typing import Iterable
 
 from bytelm.config import flatten
 from bytelm.errors import UserError
-from bytelm.fileio import write_json, write_text
+from bytelm.fileio import read_jsonl, write_json, write_text
+from bytelm.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # "stopped": ended by the trainer's time limit, resumable; MLflow has no such state and
 # shows it as KILLED until the run resumes
 STATUSES = ("running", "finished", "failed", "killed", "stopped")
@@ -106,7 +106,7 @@ def get_or_create_experiment(client, name: str) -> str:
 def git_commit() -> str:
     """HEAD of the checkout the code runs from, with `-dirty` when it has local changes;
     `$BYTELM_GIT_COMMIT` when set, for a copy of the tree whose .git is missing or not
-    the code's own (a GPU machine's copy: experiments/gpu/README.md)."""
+    the code's own (a copy of the tree sent to a GPU machine)."""
     if os.environ.get("BYTELM_GIT_COMMIT"):
         return os.environ["BYTELM_GIT_COMMIT"]
     try:
@@ -221,23 +221,6 @@ def log_new_params(client, run_id: str, params: dict[str, str]) -> None:
     log_batched(client, run_id, params={k: v for k, v in params.items() if k not in have})
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file. A cut-off last line (a process killed while appending
-    it) is dropped; a bad line before it is an error."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise UserError(f"{path}: line {n} is not valid JSON") from None
-    return rows
-
-
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -341,7 +324,7 @@ class Tracker:
         """Drop metrics.jsonl rows past `step` (logged after the checkpoint a run resumes
         from), so the file holds each step once. MLflow cannot delete single metric values:
         there, those steps get a second value whose timestamp is later."""
-        rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
+        rows = [r for r in read_jsonl(self.metrics_path, appending=True) if r.get("step", 0) <= step]
         if self.metrics_path.exists():
             write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -393,7 +376,7 @@ def start_parent_run(folder: Path, experiment: str, name: str, *, tags: dict, pa
 def pending_eval_metrics(run_dir: Path, done: int) -> tuple[list, int]:
     """MLflow metrics of the eval_metrics.jsonl rows past the first `done`, and the
     file's row count."""
-    rows = read_jsonl(Path(run_dir) / "eval_metrics.jsonl")
+    rows = read_jsonl(Path(run_dir) / "eval_metrics.jsonl", appending=True)
     metrics = []
     for row in rows[done:]:
         metrics += metric_entities(row, int(row.get("step") or 0))

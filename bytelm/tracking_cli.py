@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from bytelm.errors import UserError
-from bytelm.fileio import write_json
+from bytelm.fileio import read_jsonl, write_json
 from bytelm.tracking import (
     config_id,
     config_params,
@@ -30,7 +30,6 @@ from bytelm.tracking import (
     metric_entities,
     mlflow_client,
     pending_eval_metrics,
-    read_jsonl,
     read_mlflow_json,
     set_mlflow_status,
     start_parent_run,
@@ -87,7 +86,7 @@ def import_run_dir(run_dir: Path, experiment: str | None = None, parent_run_id: 
     # timestamp left for them
     ts = int((run_dir / "metrics.jsonl").stat().st_mtime * 1000) if (run_dir / "metrics.jsonl").exists() else None
     metrics = []
-    for row in read_jsonl(run_dir / "metrics.jsonl"):
+    for row in read_jsonl(run_dir / "metrics.jsonl", appending=True):
         metrics += metric_entities(row, int(row["step"]), ts)
     log_batched(client, run_id, metrics=metrics)
     for sub in ARTIFACT_DIRS:

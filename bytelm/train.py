@@ -42,9 +42,8 @@ from bytelm.loss import HeadStats, accumulate_head_stats, loss_and_backward
 from bytelm.model import MTPTransformer
 from bytelm.mtp_schedule import head_weights
 from bytelm.shards import ShardDataset
+from bytelm.units import PEAK_FLOPS
 
-# Dense bf16 datasheet peak FLOP/s per GPU, for MFU. (H100 SXM: 989 too.)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -20,7 +20,6 @@ vectorised polynomial hash (uint64, wrapping), and looked up in the sorted bench
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bytelm.errors import UserError
+from bytelm.fileio import read_jsonl
 from bytelm.paths import data_file
 
 DEFAULT_NGRAM = 13
@@ -46,19 +46,10 @@ class Benchmark:
         return {"file": str(self.path), "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(), "texts": len(self.texts)}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"benchmark file {path} cannot be read as JSONL: {e}") from None
-
-
 def humaneval(data_dir: str | None = None) -> Benchmark:
     path = data_file("humaneval/HumanEval.jsonl.gz", data_dir)
     texts = []
-    for r in _read_jsonl(path):
+    for r in read_jsonl(path):
         texts += [r["prompt"] + r["canonical_solution"], r["test"]]
     return Benchmark("humaneval", path, texts)
 
@@ -67,7 +58,7 @@ def mbpp(data_dir: str | None = None) -> Benchmark:
     """All 974 problems of mbpp.jsonl (train, validation, test and prompt splits alike)."""
     path = data_file("mbpp/mbpp.jsonl", data_dir)
     texts = []
-    for r in _read_jsonl(path):
+    for r in read_jsonl(path):
         tests = r.get("test_setup_code", "") + "\n" + "\n".join(r["test_list"] + r.get("challenge_test_list", []))
         texts += [r["text"], r["code"], tests, r["code"] + "\n" + tests]
     return Benchmark("mbpp", path, texts)
@@ -96,7 +87,7 @@ def apps(path: str | Path) -> Benchmark:
         raise UserError(f"APPS file {path} not found (--apps)")
     keys = ("question", "description", "solutions", "starter_code", "input_output", "test_list", "sample_io")
     texts = []
-    for r in _read_jsonl(path):
+    for r in read_jsonl(path):
         for k in keys:
             parts = _strings(r.get(k))
             texts += parts

@@ -32,23 +32,24 @@ Pipeline (`bytelm synth induction`; docs/synthetic.md gives the reasons):
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import heapq
-import json
 import math
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from bytelm.errors import UserError
-from bytelm.fileio import atomic_path, write_json
-from bytelm.shards import CORPUS_FORMAT, ShardWriter, sha256_file
+from bytelm.fileio import atomic_path, write_json, write_jsonl
+from bytelm.paths import STORIES, STORY_SEPARATOR, data_file
+from bytelm.shards import CORPUS_FORMAT, SYNTH_FORMAT, ShardWriter, sha256_file
 from bytelm.tokenizers import BPETokenizer, ByteTokenizer
 
-SEPARATOR = "<|endoftext|>"
 WORD = re.compile(r"[A-Za-z]+")
 # A word right after one of these (spaces skipped) starts a sentence or a quotation, where
 # any word is capitalised: such occurrences do not count as evidence of a name.
@@ -82,7 +83,7 @@ def iter_stories(path: Path, chunk_chars: int = 1 << 22) -> Iterator[str]:
         try:
             while chunk := f.read(chunk_chars):
                 buf += chunk
-                *stories, buf = buf.split(SEPARATOR)
+                *stories, buf = buf.split(STORY_SEPARATOR)
                 for s in stories:
                     if s := s.strip():
                         yield s
@@ -247,10 +248,10 @@ def randomize_names(story: str, names: frozenset[str], pool: list[NewName], rng:
 
 # Training text the default build aims for (`train_copies = 0`): about what one run of the
 # GPU sweeps reads (1,000 steps of 65,536 tokens at ~3.6 bytes per token), so that each
-# copy, i.e. each assignment of random names to a story, is seen about once. With 8 copies
-# of the 2 MiB sample (16 passes) the first GPU runs learned the copies by heart, names
-# included, and no model needed to copy a name (docs/results/synthetic/README.md). On the
-# sample this makes 127 copies; a full TinyStories file gets 1.
+# copy, i.e. each assignment of random names to a story, is seen about once. Copies seen
+# many times are learned by heart, names included, and then no model needs to copy a name
+# (8 copies of the 2 MiB sample read 16 times each: docs/synthetic.md). On the sample this
+# makes 127 copies; a full TinyStories file gets 1.
 AUTO_TRAIN_BYTES = 240_000_000
 
 
@@ -275,13 +276,6 @@ class InductionOptions:
             raise UserError(f"--train-copies must be >= 1, or 0 for the default, got {self.train_copies}")
         if not self.randomize_train and self.train_copies > 1:
             raise UserError("--train-copies > 1 needs randomised training names (copies would be identical)")
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def unique_stories(path: Path, seed: int) -> Iterator[tuple[bytes, str]]:
@@ -314,7 +308,7 @@ def build_induction(out: Path, opts: InductionOptions) -> dict:
 
     names = frozenset(count_words(reading()).names())
     if counts["stories"] == 0:
-        raise UserError(f"{src} holds no complete story (each story ends with {SEPARATOR})")
+        raise UserError(f"{src} holds no complete story (each story ends with {STORY_SEPARATOR})")
     if not names:
         raise UserError(f"no character names found in {src}: is it a TinyStories file?")
 
@@ -358,7 +352,7 @@ def build_induction(out: Path, opts: InductionOptions) -> dict:
     for i, (key, s) in enumerate(test):
         r = randomize_names(s, names, test_pool, random.Random(f"induction-test-{opts.seed}-{key.hex()}"))
         rows.append({"id": i, "story_sha256": hashlib.sha256(s.encode()).hexdigest(), "text": r.text, "names": r.names})
-    _write_jsonl(out / TEST_FILE, rows)
+    write_jsonl(out / TEST_FILE, rows)
 
     # Pass 4 (one per copy): training and validation stories with random names.
     meta = {"source": "bytelm synth induction"}
@@ -378,7 +372,7 @@ def build_induction(out: Path, opts: InductionOptions) -> dict:
                     (train if sp == "train" else val).add(data, len(data))
 
     manifest = {
-        "format": "bytelm-synth/1",
+        "format": SYNTH_FORMAT,
         "task": "induction",
         "options": asdict(opts),
         "source": {"path": str(src), "sha256": sha256_file(src)},
@@ -394,3 +388,41 @@ def build_induction(out: Path, opts: InductionOptions) -> dict:
         encode_split(out / "corpus" / sp, out / "bytes" / sp, ByteTokenizer(), msha)
         encode_split(out / "corpus" / sp, out / "bpe" / sp, tok, msha)
     return manifest
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`bytelm synth induction --out DIR [--stories FILE] [--bpe-vocab N] [--seed S]`: a
+    prepared-data folder (`bytelm train` reads it with data.root=DIR) and DIR/tests/."""
+    p.add_argument("--out", required=True, type=Path, help="output folder (a prepared-data folder)")
+    p.add_argument("--stories", help=f"TinyStories text file (default: the data directory's {STORIES})")
+    p.add_argument("--data-dir", help="benchmark data directory (default: $BYTELM_DATA_DIR or ../shared/data)")
+    p.add_argument("--bpe-vocab", type=int, default=2048, help="BPE vocabulary size (default 2048: fits the 2 MiB sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=100, help="test stories (default 100, as the paper)")
+    p.add_argument("--val-share", type=float, default=0.05, help="share of the other stories for validation")
+    p.add_argument("--train-copies", type=int, default=0,
+                   help="copies of the training stories, each with fresh random names (default 0: enough for about "
+                        "240 MB of training text, one pass of a GPU sweep's run: 127 copies of the 2 MiB sample)")
+    p.add_argument("--keep-train-names", action="store_true",
+                   help="train on the stories' own names (the paper's set-up) instead of random ones; implies --train-copies 1")
+
+
+def main(args: argparse.Namespace) -> int:
+    from data_prep.sharding import check_synth_out
+
+    check_synth_out(args.out, "induction")
+    stories = Path(args.stories) if args.stories else data_file(STORIES, args.data_dir)
+    opts = InductionOptions(
+        stories=str(stories), bpe_vocab=args.bpe_vocab, seed=args.seed, n_test=args.n_test, val_share=args.val_share,
+        train_copies=args.train_copies, randomize_train=not args.keep_train_names,
+    )
+    t0 = time.time()
+    m = build_induction(args.out, opts)
+    c = m["counts"]
+    print(f"induction: {c['distinct']} stories ({c['train']} train x {m['options']['train_copies']} copies, {c['val']} val, "
+          f"{c['test']} test), {len(m['names']['detected'])} names found, BPE {m['bpe']['vocab_size']} tokens, "
+          f"{time.time() - t0:.1f} s -> {args.out}")
+    return 0

@@ -34,8 +34,9 @@ two children, and leaf coefficients are uniform in 0..6. Everything is drawn fro
 
 from __future__ import annotations
 
-import json
+import argparse
 import random
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,8 +45,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from bytelm.errors import UserError
-from bytelm.fileio import atomic_path, write_json, write_text
-from bytelm.shards import CORPUS_FORMAT, ShardWriter, sha256_file
+from bytelm.fileio import atomic_path, write_json, write_jsonl
+from bytelm.shards import CORPUS_FORMAT, SYNTH_FORMAT, ShardWriter, sha256_file
 from bytelm.tokenizers import BPETokenizer, ByteTokenizer
 
 P = 7  # the field F_7
@@ -235,7 +236,7 @@ def build_poly(out: Path, opts: PolyOptions) -> dict:
     tests = {m: test_set(opts.seed, m, opts.test_per_m) for m in range(1, opts.m_test_max + 1)}
     exclude = {ex.expression for exs in tests.values() for ex in exs}
     for m, exs in tests.items():
-        write_text(out / test_file(m), "".join(json.dumps({"id": i, **ex.to_json()}) + "\n" for i, ex in enumerate(exs)))
+        write_jsonl(out / test_file(m), ({"id": i, **ex.to_json()} for i, ex in enumerate(exs)))
 
     counts = {sp: {"docs": 0, "bytes": 0, "skipped_test_expressions": Counter()} for sp in ("train", "val")}
     meta = {"source": "bytelm synth poly"}
@@ -251,10 +252,11 @@ def build_poly(out: Path, opts: PolyOptions) -> dict:
                     counts[split]["bytes"] += len(data)
 
     manifest = {
-        "format": "bytelm-synth/1",
+        "format": SYNTH_FORMAT,
         "task": "poly",
-        "options": asdict(opts),
+        "options": asdict(opts),  # options.m_train_max: the in-domain range of m, for the evaluation
         "ring": f"F_{P}[X]/(X^{N_COEF})",
+        "answer_end": END,  # the evaluation stops generating there and compares what comes before
         "counts": counts,
         "test_files": {str(m): test_file(m) for m in tests},
         "corpus": {sp: {"meta_sha256": sha256_file(out / "corpus" / sp / "meta.json")} for sp in ("train", "val")},
@@ -270,3 +272,33 @@ def build_poly(out: Path, opts: PolyOptions) -> dict:
         if tok is not None:
             encode_split(out / "corpus" / sp, out / "bpe" / sp, tok, msha)
     return manifest
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`bytelm synth poly --out DIR [--n-train N] [--test-per-m 2000] [--seed S]`: a
+    prepared-data folder (`bytelm train` reads it with data.root=DIR) and DIR/tests/."""
+    p.add_argument("--out", required=True, type=Path, help="output folder (a prepared-data folder)")
+    p.add_argument("--n-train", type=int, default=1_000_000, help="training expressions (default 1,000,000)")
+    p.add_argument("--n-val", type=int, default=2000, help="validation expressions")
+    p.add_argument("--test-per-m", type=int, default=2000, help="test expressions per number of operations (default 2000)")
+    p.add_argument("--m-train-max", type=int, default=5, help="training draws m in 1..this (default 5)")
+    p.add_argument("--m-test-max", type=int, default=10, help="test sets for m in 1..this (default 10)")
+    p.add_argument("--bpe-vocab", type=int, default=0, help="also train a BPE of this size (default 0: bytes only)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from data_prep.sharding import check_synth_out
+
+    check_synth_out(args.out, "poly")
+    opts = PolyOptions(n_train=args.n_train, n_val=args.n_val, test_per_m=args.test_per_m, m_train_max=args.m_train_max,
+                       m_test_max=args.m_test_max, seed=args.seed, bpe_vocab=args.bpe_vocab)
+    t0 = time.time()
+    m = build_poly(args.out, opts)
+    c = m["counts"]
+    print(f"poly: {c['train']['docs']} train ({c['train']['bytes']} bytes), {c['val']['docs']} val, "
+          f"{opts.test_per_m} test x m=1..{opts.m_test_max}, {time.time() - t0:.1f} s -> {args.out}")
+    return 0

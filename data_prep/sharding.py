@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bytelm.errors import UserError
-from bytelm.shards import DEFAULT_SHARD_TOKENS, ShardWriter, iter_documents, read_meta, sha256_file, token_dtype
+from bytelm.shards import (DEFAULT_SHARD_TOKENS, SYNTH_FORMAT, ShardWriter, iter_documents, read_meta, sha256_file,
+                           token_dtype)
 from bytelm.tokenizers import BPETokenizer, Tokenizer
 
 BATCH_BYTES = 2 << 20  # HF Encoding objects cost ~150 bytes per token: keep batches small
@@ -93,3 +94,16 @@ def encode_split(
                 progress.update(len(data))
     progress.close()
     return writer.meta
+
+
+def check_synth_out(out: Path, task: str) -> None:
+    """`bytelm synth TASK --out` writes only into a new or empty folder, or over an earlier
+    data set of the same task."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("format") != SYNTH_FORMAT or manifest.get("task") != task:
+        raise UserError(f"--out {out} exists and is not a `bytelm synth {task}` folder; choose a new or empty folder")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 
+from bytelm.fileio import read_jsonl
 from bytelm.paths import data_file
 from bytelm.shards import iter_documents
 from data_prep.corpus import CorpusOptions, build_corpus
@@ -29,8 +29,7 @@ def index():
 
 
 def humaneval_task(i: int) -> dict:
-    with gzip.open(data_file("humaneval/HumanEval.jsonl.gz"), "rt") as f:
-        return [json.loads(line) for line in f][i]
+    return read_jsonl(data_file("humaneval/HumanEval.jsonl.gz"))[i]
 
 
 def test_humaneval_solution_is_found_clean_code_is_not(index):
@@ -46,8 +45,7 @@ def test_humaneval_solution_is_found_clean_code_is_not(index):
 
 
 def test_every_mbpp_problem_is_indexed(index):
-    with open(data_file("mbpp/mbpp.jsonl")) as f:
-        tasks = [json.loads(line) for line in f]
+    tasks = read_jsonl(data_file("mbpp/mbpp.jsonl"))
     assert len(tasks) == 974
     # A problem's code followed by its tests, as in a leaked solution file, is found, and
     # so is a code or test block on its own, whenever it has at least 13 whitespace tokens

@@ -11,6 +11,7 @@ import torch
 from bytelm.checkpoint import save_checkpoint
 from bytelm.cli import main as bytelm
 from bytelm.config import config_from_dict, to_dict
+from bytelm.fileio import read_jsonl
 from bytelm.generate import Decoder
 from bytelm.model import MTPTransformer
 from bytelm.tokenizers import ByteTokenizer
@@ -62,7 +63,7 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
         assert dec["heads"] == 2 and dec["sequences"] == 6 and len(dec["acceptance_by_depth"]) == 1
         assert 0 < dec["tokens"] <= 2 * dec["row_forwards"] and dec["steps"] > 0 and dec["wall_s"] > 0
     assert set(summary["tasks"]["humaneval"]["decoding"]) == {"0.2", "0.8"} and summary["tasks"]["mbpp"]["decoding"] == {}
-    results = [json.loads(line) for line in (run_dir / "eval" / "pass_at_k.results.jsonl").read_text().splitlines()]
+    results = read_jsonl(run_dir / "eval" / "pass_at_k.results.jsonl")
     assert len(results) == 2 * 2 * 3 * 2  # tasks x temperatures x problems x samples
     # in the benchmark's order, whatever order they were decoded in
     assert [(r["task_id"], r["sample"]) for r in results[:6]] == [(f"HumanEval/{j}", i) for j in range(3) for i in range(2)]

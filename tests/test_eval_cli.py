@@ -8,6 +8,7 @@ import pytest
 
 from bytelm.cli import main as bytelm
 from bytelm.evaluation.passk import pass_at_k
+from bytelm.fileio import read_jsonl
 from bytelm.paths import data_file
 
 
@@ -46,7 +47,7 @@ def test_samples_mode_end_to_end(tmp_path, capsys):
     assert "100" not in summary["pass_at_k"]  # 10 samples per problem
     assert summary["status_counts"] == {"passed": 13, "failed": 17, "timeout": 0, "error": 0}
     assert summary["sandbox"]["mode"] == "namespaces"
-    results = [json.loads(line) for line in (tmp_path / "out" / "he.results.jsonl").read_text().splitlines()]
+    results = read_jsonl(tmp_path / "out" / "he.results.jsonl")
     assert len(results) == 30 and all(r["model"] == "handmade" and r["network_isolated"] for r in results)
     assert [r["passed"] for r in results[10:20]] == [True] * 3 + [False] * 7
     assert results[29]["status"] == "failed" and results[29]["reason"].startswith("AssertionError")

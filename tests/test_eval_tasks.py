@@ -21,6 +21,7 @@ from bytelm.evaluation.tasks import (
     TASKS, call_match, load_apps, load_problems, max_new_tokens, normalise_code, normalise_task_id, parse_tasks,
     stdio_match,
 )
+from bytelm.fileio import read_jsonl
 from bytelm.paths import data_file
 
 MAPCODER = data_file("apps/mapcoder_apps_selected150.jsonl")
@@ -67,7 +68,7 @@ def test_mbpp_prompt_is_the_papers_three_shot_format():
 
 
 def test_normalising_mbpp_code_never_changes_a_program():
-    rows = [json.loads(line) for line in open(data_file("mbpp/mbpp.jsonl"))]
+    rows = read_jsonl(data_file("mbpp/mbpp.jsonl"))
     fell_back = []
     warnings.simplefilter("ignore", DeprecationWarning)  # the benchmark's own "\d"-style escapes
     for r in rows:
@@ -128,8 +129,7 @@ def write_apps_jsonl(path: Path) -> Path:
     """The subset's problems with starter code (call-based), each id once (the subset
     repeats some), as an official-format jsonl: a pipeline check, never APPS results."""
     rows = {}
-    for line in open(MAPCODER):
-        r = json.loads(line)
+    for r in read_jsonl(MAPCODER):
         if r["starter_code"].strip():
             rows.setdefault(r["id"], r)
     path.write_text("".join(json.dumps(mapcoder_as_apps(r)) + "\n" for r in rows.values()))

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from bytelm.fileio import read_jsonl
 import bytelm.loss
 from bytelm import checkpoint as ckpt
 from bytelm.config import load_config
 from bytelm.errors import UserError
+from bytelm.paths import config_path
 from bytelm.train import train
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+SMOKE = config_path("configs/smoke.yaml")
 # 8 steps, 2 accumulation steps of 4 sequences in one process, 1 of 4 per process in two.
 COMMON = ["tracking.mlflow=false", "train.steps=8", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=4",
           "train.batch_size=8", "train.micro_batch_size=4"]
@@ -37,7 +38,7 @@ main(sys.argv[1:])
 
 
 def rows(run_dir):
-    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return {r["step"]: r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
 def free_port() -> int:
@@ -128,7 +129,7 @@ def test_fsdp_with_head_blocks_and_one_backward_per_head(smoke_data, tmp_path, m
     script.write_text(ONE_HEAD_PER_GROUP)
     torchrun_fsdp(tmp_path / "fsdp", common, script)
     assert_same_losses(rows(tmp_path / "one"), rows(tmp_path / "fsdp"), range(1, 5))
-    val = [[r["val/bpb"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "val/bpb" in r]
+    val = [[r["val/bpb"] for r in read_jsonl(tmp_path / d / "metrics.jsonl") if "val/bpb" in r]
            for d in ("one", "fsdp")]
     assert len(val[0]) == 1 and val[1] == pytest.approx(val[0], rel=1e-6)
 

@@ -77,6 +77,7 @@ def poly_runs(sized: bool = True) -> list[tuple[dict, dict[str, float]]]:
             metrics = {f"poly/acc/m{m}": v for m, v in by_m.items()}
             metrics["poly/acc_in_domain"] = np.mean([by_m[m] for m in range(1, 6)])  # 2,000 problems each m
             metrics["poly/acc_ood"] = np.mean([by_m[m] for m in range(6, 11)])
+            metrics["poly/m_train_max"] = 5.0
             metrics["model/params_non_embedding"] = PARAMS[size]
             grid = ({"size": size} if sized else {}) | {"n": n, "seed": seed}
             out.append((grid, metrics))
@@ -247,3 +248,11 @@ def test_a_gap_between_two_models_that_learned_nothing_is_not_a_finding():
     text = versus(row(2, 0.004, 0.001, 0.007), row(1, 0.0, 0.0, 0.0))
     assert text.startswith("n=2 is above n=1: 0.4 vs 0.0 %") and "neither model learned the task" in text
     assert "neither" not in versus(row(2, 0.30, 0.28, 0.32), row(1, 0.20, 0.19, 0.21))
+
+
+def test_the_in_domain_range_is_the_one_the_runs_logged():
+    from analysis.synthetic import m_train_max
+
+    assert m_train_max(pd.DataFrame({"poly/m_train_max": [3.0, 3.0, None]})) == 3
+    assert m_train_max(pd.DataFrame({"poly/m_train_max": [3.0, 5.0]})) is None  # runs on different data sets
+    assert m_train_max(pd.DataFrame({"poly/acc/m1": [0.5]})) is None  # runs that did not log it

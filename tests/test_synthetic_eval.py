@@ -4,14 +4,18 @@ wiring to the model and to generation."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import pytest
 import torch
 
 from bytelm.config import ModelConfig
+from bytelm.errors import UserError
 from bytelm.generate import generate
 from bytelm.model import MTPTransformer
-from bytelm.synthetic_eval import argmax_head1, induction_accuracy, is_correct, poly_accuracy, story_targets
+from bytelm.synthetic_eval import (argmax_head1, induction_accuracy, is_correct, poly_accuracy, read_manifest,
+                                   story_targets)
 from bytelm.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -94,11 +98,13 @@ def test_a_real_model_through_argmax_head1():
 
 
 def test_exact_match():
-    assert is_correct("3 6 2 4 0", "3 6 2 4 0")
-    assert is_correct("3 6 2 4 0;((x)+(1))=", "3 6 2 4 0")  # what follows the end marker is ignored
-    assert not is_correct("3 6 2 4 0 1", "3 6 2 4 0")
-    assert not is_correct(" 3 6 2 4 0", "3 6 2 4 0")
-    assert not is_correct("3 6 2 4", "3 6 2 4 0")
+    assert is_correct("3 6 2 4 0", "3 6 2 4 0", ";")
+    assert is_correct("3 6 2 4 0;((x)+(1))=", "3 6 2 4 0", ";")  # what follows the end marker is ignored
+    assert is_correct("3 6 2 4 0$;", "3 6 2 4 0", "$")  # the end marker is the data set's
+    assert not is_correct("3 6 2 4 0$", "3 6 2 4 0", ";")
+    assert not is_correct("3 6 2 4 0 1", "3 6 2 4 0", ";")
+    assert not is_correct(" 3 6 2 4 0", "3 6 2 4 0", ";")
+    assert not is_correct("3 6 2 4", "3 6 2 4 0", ";")
 
 
 def test_poly_accuracy_per_m_in_and_out_of_domain():
@@ -113,10 +119,13 @@ def test_poly_accuracy_per_m_in_and_out_of_domain():
     def complete(prompts):
         return ["6 6 6 6 6;" if p in wrong else answers[p] + ";" for p in prompts]
 
-    res = poly_accuracy(complete, recs, fits=lambda p: len(p) < 10)
+    res = poly_accuracy(complete, recs, fits=lambda p: len(p) < 10, end=";", m_train_max=5)
     assert res.too_long == {1: 0, 5: 0, 7: 1}
     assert res.metrics() == {"poly/acc/m1": 0.5, "poly/acc/m5": 1.0, "poly/acc/m7": 0.5,
-                             "poly/acc_in_domain": 2 / 3, "poly/acc_ood": 0.5}
+                             "poly/acc_in_domain": 2 / 3, "poly/acc_ood": 0.5, "poly/m_train_max": 5.0}
+    # the in-domain range is the data set's: trained on m = 1 only, m = 5 is out of domain
+    narrow = poly_accuracy(complete, recs, fits=lambda p: len(p) < 10, end=";", m_train_max=1).metrics()
+    assert (narrow["poly/acc_in_domain"], narrow["poly/acc_ood"], narrow["poly/m_train_max"]) == (0.5, 2 / 3, 1.0)
 
 
 def test_poly_accuracy_through_real_greedy_generation():
@@ -131,4 +140,20 @@ def test_poly_accuracy_through_real_greedy_generation():
 
     outs = dict(zip(prompts, complete(prompts)))
     recs = {1: [{"prompt": p, "answer": outs[p]} for p in prompts]}
-    assert poly_accuracy(complete, recs, fits=lambda p: True).metrics()["poly/acc/m1"] == 1.0
+    assert poly_accuracy(complete, recs, fits=lambda p: True, end=";", m_train_max=5).metrics()["poly/acc/m1"] == 1.0
+
+
+def test_the_data_set_is_known_by_its_manifest(tmp_path):
+    with pytest.raises(UserError, match="holds no manifest.json"):
+        read_manifest(tmp_path, "poly")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format": "bytelm-synth/1", "task": "induction", "test_file": "tests/t.jsonl"}))
+    with pytest.raises(UserError, match="not a `bytelm synth poly` data set"):
+        read_manifest(tmp_path, "poly")
+    assert read_manifest(tmp_path, "induction")["test_file"] == "tests/t.jsonl"
+    older = {"format": "bytelm-synth/1", "task": "poly", "options": {"m_train_max": 5}, "test_files": {"1": "t1.jsonl"}}
+    manifest.write_text(json.dumps(older))
+    with pytest.raises(UserError, match="lacks answer_end.*make it again with `bytelm synth poly"):
+        read_manifest(tmp_path, "poly")
+    manifest.write_text(json.dumps(older | {"answer_end": ";"}))
+    assert read_manifest(tmp_path, "poly")["answer_end"] == ";"

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from bytelm.errors import UserError
-from bytelm.paths import data_file
+from bytelm.fileio import read_jsonl
+from bytelm.paths import STORIES, STORY_SEPARATOR, data_file
 from bytelm.shards import ShardDataset, iter_documents
 from bytelm.tokenizers import BPETokenizer
 from data_prep import induction as ind
-
-STORIES = "stories/tinystories_v2_gpt4_train_first2MiB.txt"
 
 
 def test_iter_stories_drops_the_unterminated_tail(tmp_path):
@@ -81,7 +80,7 @@ def induction_data(tmp_path_factory):
 
 
 def records(out):
-    return [json.loads(line) for line in (out / ind.TEST_FILE).read_text().splitlines()]
+    return read_jsonl(out / ind.TEST_FILE)
 
 
 def test_every_test_name_occurrence_is_exactly_two_tokens(induction_data):
@@ -196,7 +195,7 @@ def test_default_copies_give_about_one_pass_of_a_gpu_run(tmp_path, monkeypatch):
     GPU sweeps read about that much: each name assignment about once); here on the first
     400 stories of the sample, with the target scaled down."""
     text = data_file(STORIES).read_text(encoding="utf-8")
-    head = ind.SEPARATOR.join(text.split(ind.SEPARATOR)[:400]) + ind.SEPARATOR
+    head = STORY_SEPARATOR.join(text.split(STORY_SEPARATOR)[:400]) + STORY_SEPARATOR
     src = tmp_path / "stories.txt"
     src.write_text(head, encoding="utf-8")
     monkeypatch.setattr(ind, "AUTO_TRAIN_BYTES", 1_000_000)

@@ -4,7 +4,6 @@ separation, and the data set on disk."""
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import numpy.polynomial.polynomial as npoly
 import pytest
 
+from bytelm.fileio import read_jsonl
 from bytelm.shards import ShardDataset, iter_documents
 from data_prep import polynomials as poly
 
@@ -184,7 +184,7 @@ def test_training_never_contains_a_test_expression(poly_data):
     out, manifest = poly_data
     test = set()
     for m in (1, 2, 3):
-        rows = [json.loads(line) for line in (out / poly.test_file(m)).read_text().splitlines()]
+        rows = read_jsonl(out / poly.test_file(m))
         assert len(rows) == 2000 and all(r["m"] == m for r in rows)
         test |= {r["expression"] for r in rows}
     for split in ("train", "val"):

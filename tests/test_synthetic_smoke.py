@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from bytelm.fileio import read_jsonl
+from bytelm.paths import config_path
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,34 +38,36 @@ def mlflow_metrics(cwd: Path, run_dir: Path) -> dict:
 
 def run_sweep(cwd: Path, name: str) -> Path:
     """`bytelm sweep experiments/sweeps/NAME.yaml` (10 steps a run); its sweep folder."""
-    bytelm(cwd, "sweep", str(REPO / "experiments" / "sweeps" / f"{name}.yaml"), "--set", "train.steps=10")
+    bytelm(cwd, "sweep", str(config_path(f"sweeps/{name}.yaml")), "--set", "train.steps=10")
     summary = json.loads((cwd / "runs" / name / "summary.json").read_text())
     assert [r["stages"] for r in summary["runs"]] == [{"train": "finished", "synth": "finished"}] * 2, summary
     return cwd / "runs" / name
 
 
 def test_poly_smoke_sweep_end_to_end(tmp_path):
-    """In calls, as on a lent GPU: training stopped by its time limit, the stopped runs
+    """In calls, as a GPU machine with a time limit runs it: training stopped by its time limit, the stopped runs
     evaluated, then training resumed to the end; the evaluations run again on the newer
-    checkpoint instead of counting as done (2026-11-30: they were skipped, and the report
-    showed accuracies of checkpoints 150-400 steps short)."""
+    checkpoint instead of counting as done (else the report would show the accuracies of
+    checkpoints short of the end of training)."""
     bytelm(tmp_path, "synth", "poly", "--out", "data/synth/poly_smoke", "--n-train", "5000", "--test-per-m", "5")
-    spec = str(REPO / "experiments" / "sweeps" / "poly_smoke.yaml")
+    spec = str(config_path("sweeps/poly_smoke.yaml"))
     bytelm(tmp_path, "sweep", spec, "--stages", "train", "--set", "train.steps=10", "--set", "train.time_limit_s=1e-6")
     bytelm(tmp_path, "sweep", spec, "--stages", "synth")
     stopped = json.loads((tmp_path / "runs/poly_smoke/runs/n1-s0/eval/synth_poly.json").read_text())
     assert stopped["step"] == 1
     sweep = run_sweep(tmp_path, "poly_smoke")
-    rows = [json.loads(line) for line in (sweep / "runs/n1-s0/eval_metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(sweep / "runs/n1-s0/eval_metrics.jsonl")
     assert [r["step"] for r in rows if "poly/acc/m1" in r] == [1, 10]  # evaluated at both checkpoints
     names = {f"poly/acc/m{m}" for m in range(1, 11)} | {"poly/acc_in_domain", "poly/acc_ood"}
     for run_name in ("n1-s0", "n2-s0"):
         run = sweep / "runs" / run_name
         out = json.loads((run / "eval" / "synth_poly.json").read_text())
         assert out["step"] == 10 and out["details"]["total"] == {str(m): 5 for m in range(1, 11)}
-        assert set(out["metrics"]) == names and all(0.0 <= v <= 1.0 for v in out["metrics"].values())
+        assert set(out["metrics"]) == names | {"poly/m_train_max"} and all(0.0 <= out["metrics"][k] <= 1.0 for k in names)
+        assert out["metrics"]["poly/m_train_max"] == 5  # the data set's training range (its manifest)
         logged = mlflow_metrics(tmp_path, run)
         assert names <= set(logged) and logged["poly/acc/m1"] == out["metrics"]["poly/acc/m1"]
+        assert logged["poly/m_train_max"] == 5
 
 
 def test_induction_smoke_sweep_end_to_end(tmp_path):
@@ -80,7 +84,7 @@ def test_induction_smoke_sweep_end_to_end(tmp_path):
 
     # a byte model is scored on the same stories, on bytes 2..len of each name; at every
     # kept checkpoint with --checkpoints all, and at the best (the paper's epoch oracle)
-    bytelm(tmp_path, "train", "--config", str(REPO / "experiments/configs/induction_smoke.yaml"), "--run-dir", "runs/bytes",
+    bytelm(tmp_path, "train", "--config", str(config_path("configs/induction_smoke.yaml")), "--run-dir", "runs/bytes",
            "--set", "data.tokenizer=bytes", "--set", "model.context=1024", "--set", "train.steps=3",
            "--set", "train.checkpoint_every=1", "--set", "train.keep_last=2", "--set", "tracking.mlflow=false")
     bytelm(tmp_path, "synth", "eval", "--task", "induction", "--checkpoint", "runs/bytes", "--checkpoints", "all",
@@ -94,7 +98,7 @@ def test_induction_smoke_sweep_end_to_end(tmp_path):
     best = out["by_step"][accs.index(max(accs))]
     assert out["oracle"] == {"metric": "induction/acc_bytes", "step": best["step"], "metrics": best["metrics"]}
     # without MLflow the metrics stay in the run directory, for `bytelm track import`
-    rows = [json.loads(line) for line in (tmp_path / "runs/bytes/eval_metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "runs/bytes/eval_metrics.jsonl")
     assert rows[-2] == {"step": 2, **out["by_step"][0]["metrics"]}
     assert rows[-1] == {"step": 3, **mb, **{f"oracle/{k}": v for k, v in best["metrics"].items()}, "oracle/step": best["step"]}
     # a single checkpoint folder has no others to choose from

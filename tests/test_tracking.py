@@ -11,7 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from bytelm.tracking import Tracker, log_to_run, mlflow_uri, read_jsonl
+from bytelm.fileio import read_jsonl
+from bytelm.tracking import Tracker, log_to_run, mlflow_uri
 
 CFG = {"model": {"n_future": 8, "head_type": "unembed"}, "train": {"steps": 30, "loss_weights": [1.0] * 8},
        "tracking": {"experiment": "imports", "run_name": "", "mlflow": False}}

@@ -14,12 +14,12 @@ import torch
 from bytelm import checkpoint as ckpt
 from bytelm.config import load_config
 from bytelm.errors import UserError
+from bytelm.fileio import read_jsonl
 from bytelm.model import MTPTransformer
-from bytelm.tracking import read_jsonl
+from bytelm.paths import config_path
 from bytelm.train import train
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+SMOKE = config_path("configs/smoke.yaml")
 
 
 def cfg_for(smoke_data, *overrides):
@@ -27,8 +27,8 @@ def cfg_for(smoke_data, *overrides):
 
 
 def losses(run_dir):
-    # read_jsonl drops a line cut off mid-append: the test polls a file a trainer is writing
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    # the test polls a file a trainer is writing: a line cut off mid-append is dropped
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl", appending=True)
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 

@@ -14,7 +14,6 @@ line per sample: its fields, status, reason, passed, duration_s, network_isolate
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from bytelm.errors import UserError
 from bytelm.evaluation.passk import KS, benchmark_pass_at_k, oracle
 from bytelm.evaluation.sandbox import STATUSES, Executor, Limits
 from bytelm.evaluation.tasks import TASKS, Problem, load_problems, max_new_tokens, normalise_task_id
-from bytelm.fileio import atomic_path, check_output, write_json
+from bytelm.fileio import check_output, iter_jsonl, write_json, write_jsonl
 
 if TYPE_CHECKING:  # torch is imported only in checkpoint mode
     from bytelm.model import MTPTransformer
@@ -107,11 +106,7 @@ def check_outputs(out: str | os.PathLike, inputs: Sequence = ()) -> None:
 
 def write_outputs(out: str | os.PathLike, summary: dict, records: list[dict], inputs: Sequence = ()) -> None:
     out = Path(out)
-    with atomic_path(results_path(out), inputs=[*inputs, out]) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                # ASCII escapes: a completion may hold a lone surrogate, which UTF-8 cannot encode
-                f.write(json.dumps(r) + "\n")
+    write_jsonl(results_path(out), records, inputs=[*inputs, out])
     write_json(out, summary, inputs=inputs)
 
 
@@ -168,20 +163,13 @@ def read_samples(path: str | os.PathLike, task: str, problems: dict[str, Problem
     if not path.is_file():
         raise UserError(f"samples file {path} not found")
     samples, unknown = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
-            if not isinstance(s, dict) or "task_id" not in s or not isinstance(s.get("completion"), str):
-                raise UserError(f"{path} line {n} needs a \"task_id\" and a string \"completion\"")
-            s["task_id"] = normalise_task_id(task, s["task_id"])
-            if s["task_id"] not in problems:
-                unknown.append(s["task_id"])
-            samples.append(s)
+    for n, s in iter_jsonl(path):
+        if not isinstance(s, dict) or "task_id" not in s or not isinstance(s.get("completion"), str):
+            raise UserError(f"{path} line {n} needs a \"task_id\" and a string \"completion\"")
+        s["task_id"] = normalise_task_id(task, s["task_id"])
+        if s["task_id"] not in problems:
+            unknown.append(s["task_id"])
+        samples.append(s)
     if unknown:
         raise UserError(
             f"{path}: {len(unknown)} samples have task ids that are not {task} problems"

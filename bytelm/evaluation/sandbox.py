@@ -1,7 +1,7 @@
 """Sandboxed execution of untrusted programs: each in its own subprocess, never in ours.
 
-Generated code is the suite's main security boundary (DESIGN.md, "Evaluation of generated
-code"). A program is one `Job`: the untrusted solution, plus either trusted test code run
+Generated code is the suite's main security boundary (docs/evaluation.md, "The
+sandbox"). A program is one `Job`: the untrusted solution, plus either trusted test code run
 after it (HumanEval, MBPP) or test inputs whose outputs the caller judges (APPS).
 `Executor` runs jobs on all cores; each gives one `ExecResult`: passed / failed / timeout /
 error, with a short reason.

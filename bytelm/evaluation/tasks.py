@@ -18,7 +18,6 @@ judged (`Problem.judge`). Each task has its stop sequences and a generation budg
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import os
 import warnings
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from bytelm.errors import UserError
 from bytelm.evaluation.sandbox import ExecResult, Job
+from bytelm.fileio import iter_jsonl, read_jsonl
 from bytelm.paths import data_file
 
 
@@ -134,8 +134,7 @@ def load_problems(task: str, data_dir: str | os.PathLike | None = None, apps_pat
 
 
 def load_humaneval(path: Path) -> list[Problem]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(path)
     return [
         Problem(
             task="humaneval", task_id=r["task_id"], prompt=r["prompt"], reference=r["canonical_solution"],
@@ -175,12 +174,7 @@ def mbpp_prompt(text: str, tests: list[str]) -> str:
 
 
 def load_mbpp(path: Path) -> list[Problem]:
-    rows = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                rows[r["task_id"]] = r
+    rows = {r["task_id"]: r for r in read_jsonl(path)}
 
     def tests_of(r: dict) -> list[str]:
         return [normalise_code(t) for t in r["test_list"]]
@@ -206,23 +200,16 @@ def _apps_records(path: Path) -> list[dict]:
     folder layout (APPS/test/NNNN/{question.txt, input_output.json, metadata.json, ...})."""
     if path.is_file():
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
-                if "question" not in r and {"description", "test_list"} <= set(r):
-                    raise UserError(
-                        f"{path} is the MapCoder 150-problem subset of APPS (shared/data/apps), not APPS: it "
-                        f"serves pipeline tests only and its numbers are not APPS pass@k. {APPS_HELP}"
-                    )
-                missing = {"question", "input_output"} - set(r)
-                if missing:
-                    raise UserError(f"{path} line {n} is not an APPS problem: it lacks {', '.join(sorted(missing))}")
-                records.append(r)
+        for n, r in iter_jsonl(path):
+            if "question" not in r and {"description", "test_list"} <= set(r):
+                raise UserError(
+                    f"{path} is the MapCoder 150-problem subset of APPS (shared/data/apps), not APPS: it "
+                    f"serves pipeline tests only and its numbers are not APPS pass@k. {APPS_HELP}"
+                )
+            missing = {"question", "input_output"} - set(r)
+            if missing:
+                raise UserError(f"{path} line {n} is not an APPS problem: it lacks {', '.join(sorted(missing))}")
+            records.append(r)
         return records
     folder = path / "test" if (path / "test").is_dir() else path
     dirs = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
