@@ -15,13 +15,13 @@ import pytest
 from bytelm import checkpoint as ckpt
 from bytelm.config import load_config
 from bytelm.errors import UserError
+from bytelm.fileio import read_jsonl
 from bytelm.mtp_schedule import head_weights
+from bytelm.paths import config_path
 from bytelm.shards import ShardDataset
-from bytelm.tracking import read_jsonl
 from bytelm.train import train
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+SMOKE = config_path("configs/smoke.yaml")
 
 
 def train_cfg(n, *overrides, steps=100):
