@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def runs_csv(runs: pd.DataFrame) -> pd.DataFrame:
     """runs.csv: identity, grid values, then every metric; config params at the end."""
-    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "seed", "config_id",
-             "git_commit", "hardware", "torch"]
+    first = ["name", "run_id", "status", "train_status", "train_step", "study", "vocab", "n", "head_type", "mtp_schedule",
+             "seed", "config_id", "git_commit", "hardware", "torch"]
     grid = sorted(c for c in runs.columns if c.startswith("grid."))
     params = sorted(c for c in runs.columns if c.startswith("params."))
     skip = {"start_time", "is_parent", "parent_run_id", *first, *grid, *params}

@@ -1,7 +1,7 @@
 """An MLflow experiment's runs as pandas: one row per run, and metric histories.
 
 `load_runs` is MLflow's `search_runs` with tidy columns: `run_id`, `name`, `status`,
-`parent_run_id`, `study`, the configuration (`vocab`, `n`, `head_type`, `seed` from the
+`parent_run_id`, `study`, the configuration (`vocab`, `n`, `head_type`, `mtp_schedule`, `seed` from the
 sweep's `grid.*` tags, else from the run's config params), every `grid.<axis>`, every
 metric under its own name, and `params.<key>` for the config. Analysis reads only this.
 """
@@ -17,7 +17,8 @@ import pandas as pd
 from bytelm.errors import UserError
 
 # config param behind each axis, for runs that were not made by a sweep
-AXIS_PARAMS = {"vocab": "data.tokenizer", "n": "model.n_future", "head_type": "model.head_type", "seed": "train.seed"}
+AXIS_PARAMS = {"vocab": "data.tokenizer", "n": "model.n_future", "head_type": "model.head_type",
+               "mtp_schedule": "train.mtp_schedule.kind", "seed": "train.seed"}
 SPEC_KEY = re.compile(r"^spec/(?P<prompts>[^/]+)/b(?P<batch>\d+)/k(?P<heads>\d+)/(?P<what>[a-z_]+)$")
 PASS_KEY = re.compile(r"^pass_at_(?P<k>\d+)/(?P<task>[^/]+)/(?P<temp>best|t[0-9.]+)$")
 
@@ -71,6 +72,8 @@ def load_runs(experiment: str, uri: str) -> Experiment:
     root = raw.get("params.data.root")
     df["data"] = root.map(lambda r: Path(r).name if isinstance(r, str) else None) if root is not None else None
     df["n"] = pd.to_numeric(df["n"], errors="coerce").astype("Int64")
+    # a run logs its schedule from when schedules existed; the ones before trained with constant weights
+    df["mtp_schedule"] = df["mtp_schedule"].fillna("constant")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
     extra = {c[len("tags."):]: raw[c] for c in raw.columns
              if c.startswith("tags.grid.") and c[len("tags.grid."):] not in AXIS_PARAMS}
@@ -149,8 +152,8 @@ def runs_from_csv(path: Path) -> Experiment:
 
 def grid_axes(runs: pd.DataFrame) -> list[str]:
     """The grid axes beyond vocab/n/seed whose values differ between runs (e.g. head_type,
-    size): they become extra label columns of a table."""
-    cands = ["head_type"] + [c for c in runs.columns if c.startswith("grid.")]
+    mtp_schedule, size): they become extra label columns of a table."""
+    cands = ["head_type", "mtp_schedule"] + [c for c in runs.columns if c.startswith("grid.")]
     return [c for c in cands if c in runs and runs[c].nunique(dropna=True) > 1]
 
 

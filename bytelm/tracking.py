@@ -158,7 +158,7 @@ def system_tags() -> dict[str, str]:
 # config.yaml artifact). eval.* are left out: they are the defaults of a later stage,
 # which logs the settings it ran with.
 KEY_PARAMS = ("data.root", "data.tokenizer", "model.n_future", "model.head_type", "model.context", "model.d_model",
-              "model.n_layers", "train.steps", "train.batch_size", "train.lr", "train.seed")
+              "model.n_layers", "train.steps", "train.batch_size", "train.lr", "train.mtp_schedule.kind", "train.seed")
 # left out of a run's configuration identity (config_id): its name, and the seed
 IDENTITY_SKIP = ("tracking.", "eval.", "train.seed")
 
