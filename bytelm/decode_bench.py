@@ -3,7 +3,7 @@
     bytelm decode-bench --checkpoint RUN_DIR [--prompts code|stories|FILE] [--heads 1,2,4,8]
         [--batch-sizes 1,16] [--max-new N] [--n-prompts P] [--prompt-len L]
         [--dtype auto|float32|bfloat16] [--device auto|cpu|cuda] [--cuda-graphs] [--compile]
-        [--attention auto,flex] [--cache-block C] [--repeats R] [--json OUT]
+        [--attention auto,flex] [--cache-block C] [--tree N,...] [--repeats R] [--json OUT]
 
 The paper's Tables S2/S3 protocol: greedy completions of held-out prompts, once with plain
 decoding and once per number of heads used. For each batch size the baseline is plain
@@ -19,6 +19,12 @@ per forward, acceptance per draft depth, the speedup, the implementation efficie
 step), the cost of a step relative to a plain decoding step, and an equality audit: the
 number of sequences whose completion differs from plain greedy decoding, each mismatch
 with head 1's logit gap at the first differing token (a near-tie in bf16 explains one).
+
+With --tree, trees of draft candidates (bytelm/tree.py; node counts name the trees of
+those sizes that `bytelm tree-fit` wrote beside the checkpoint) decode with every head
+beside the chains: their rows say `decoder: tree` and `nodes`, the positions verified per
+row and step (a chain of k heads verifies k), and the JSON's `tree_choice` names, per batch
+size, the decoder whose measured bytes per forward ÷ step cost is largest.
 
 Prompts: `code` takes the first L bytes of held-out documents (the run's validation
 corpus, `<data.root>/corpus/val`); `stories` the first L bytes of TinyStories stories
@@ -37,6 +43,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tabulate import tabulate
@@ -49,6 +56,7 @@ from bytelm.generate import (ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generatio
 from bytelm.model import MTPTransformer
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import Tokenizer
+from bytelm.tree import Tree
 
 STORIES = "stories/tinystories_v2_gpt4_train_first2MiB.txt"
 STORY_SEPARATOR = "<|endoftext|>"
@@ -79,6 +87,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-block", type=int, default=CACHE_BLOCK,
                    help=f"a step reads the cache in blocks of this many positions (default {CACHE_BLOCK}); "
                         "with --compile a coarser block means fewer compilations")
+    p.add_argument("--tree", default="",
+                   help="also decode with trees of draft candidates, all heads: comma-separated node counts (the "
+                        "trees of those sizes in the checkpoint's trees.json, from `bytelm tree-fit`) or tree files")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the run of median wall time counts (default 1)")
     p.add_argument("--data-dir", help="benchmark data folder for --prompts stories (default: $BYTELM_DATA_DIR or ../shared/data)")
     p.add_argument("--json", help="output JSON (default: RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json)")
@@ -270,10 +281,12 @@ def run_benchmark(
     cache_block: int = CACHE_BLOCK,
     flex_split_kv: int = 0,
     refill_min: int | None = None,
+    trees: Sequence[Tree] = (),
 ) -> list[dict]:
-    """One row per (heads used, batch size, attention); `heads` starts with 1
-    (`heads_to_run`): each batch size's baseline is its fastest plain decoder over the
-    attention kernels."""
+    """One row per (decoder, batch size, attention), a decoder being a chain of k heads
+    (`heads` starts with 1, `heads_to_run`) or one of the `trees` (with every head its
+    depth needs, the largest of `heads`): each batch size's baseline is its fastest plain
+    decoder over the attention kernels."""
     # One cache length for every decoder: attention over the same number of slots.
     max_len = cache_length(model, max(map(len, prompts)), max_new, max(heads))
     kernels = "CUDA graphs" if cuda_graphs else "eager"
@@ -281,42 +294,67 @@ def run_benchmark(
     kernels += f", cache read in blocks of {cache_block} positions"
     rows = []
     runs = {}
-    configs = [(b, k, a) for b in batch_sizes for k in heads for a in attention]
-    for batch, k, att in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
+    decoders = [(k, None) for k in heads] + [(max(heads), t) for t in trees]
+    configs = [(b, k, t, a) for b in batch_sizes for k, t in decoders for a in attention]
+    for batch, k, tree, att in tqdm(configs, desc="decode-bench", unit="config", file=sys.stderr):
         decoder = Decoder(model, heads=k, batch_size=batch, max_len=max_len, sampling=Sampling(),
                           cuda_graphs=cuda_graphs, compile=compile, attention=att, cache_block=cache_block,
-                          flex_split_kv=flex_split_kv, refill_min=refill_min)
+                          flex_split_kv=flex_split_kv, refill_min=refill_min, tree=tree)
         with decoder:
-            runs[batch, k, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
+            runs[batch, k, tree, att] = timed_runs(decoder, prompts, max_new, tokenizer, repeats)
         del decoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     for batch in batch_sizes:
-        best = min(attention, key=lambda a: runs[batch, 1, a].stats.wall_s)
-        base = runs[batch, 1, best]
+        best = min(attention, key=lambda a: runs[batch, 1, None, a].stats.wall_s)
+        base = runs[batch, 1, None, best]
         baseline = (f"plain greedy decoding (heads_used=1), same prompts, batch size {batch}, "
                     f"{max_len}-position cache, {kernels}, attention {best} (the fastest plain decoder of "
                     f"{', '.join(attention)}), median of {repeats} run(s)")
-        for k in heads:
+        for k, tree in decoders:
             for att in attention:
-                rows.append({"attention": att, **bench_row(k, batch, runs[batch, k, att], base, model, prompts, baseline)})
+                row = bench_row(k, batch, runs[batch, k, tree, att], base, model, prompts, baseline)
+                rows.append({"attention": att, "decoder": "chain" if tree is None else "tree",
+                             "nodes": k if tree is None else tree.nodes,
+                             "tree": None if tree is None else tree.to_json(), **row})
     return rows
 
 
+def tree_choice(rows: list[dict]) -> dict[str, dict]:
+    """Per batch size, the decoder with all heads (the chain or a tree) whose measured step
+    costs promise the most: bytes per forward ÷ step cost, the speedup a run would have
+    without its prefills and host time. A wider tree accepts more per step but costs more
+    per step, and more so at a larger batch, so the best size depends on the batch."""
+    out = {}
+    k = max(r["heads_used"] for r in rows)
+    for batch in sorted({r["batch_size"] for r in rows}):
+        cands = [r for r in rows if r["batch_size"] == batch and r["heads_used"] == k and k > 1]
+        if not cands:
+            continue
+        score = {f"{r['decoder']} {r['nodes']} ({r['attention']})": r["bytes_per_forward"] / r["step_cost_vs_plain"]
+                 for r in cands}
+        best = max(cands, key=lambda r: r["bytes_per_forward"] / r["step_cost_vs_plain"])
+        out[str(batch)] = {"decoder": best["decoder"], "nodes": best["nodes"], "attention": best["attention"],
+                           "rule": "largest bytes per forward / step cost (measured)", "scores": score}
+    return out
+
+
 def metrics_of(rows: list[dict], name: str) -> dict[str, float]:
-    """Per (batch, heads): the fastest decoder's row (over the attention kernels)."""
-    best: dict[tuple[int, int], dict] = {}
+    """Per (batch, decoder): the fastest row (over the attention kernels); a chain of k
+    heads is `k<k>`, a tree of N nodes `tree<N>`."""
+    best: dict[tuple[int, str], dict] = {}
     for r in rows:
-        key = (r["batch_size"], r["heads_used"])
+        key = (r["batch_size"], f"k{r['heads_used']}" if r.get("decoder", "chain") == "chain" else f"tree{r['nodes']}")
         if key not in best or r["speedup"] > best[key]["speedup"]:
             best[key] = r
     out = {}
-    for r in best.values():
-        p = f"spec/{name}/b{r['batch_size']}/k{r['heads_used']}/"
+    for (batch, decoder), r in best.items():
+        p = f"spec/{name}/b{batch}/{decoder}/"
         out.update({
             p + "speedup": r["speedup"], p + "bytes_per_forward": r["bytes_per_forward"],
             p + "tokens_per_forward": r["tokens_per_forward"], p + "bytes_per_s": r["bytes_per_s"],
             p + "tokens_per_s": r["tokens_per_s"], p + "mismatched": r["mismatched_sequences"],
+            p + "efficiency": r["efficiency"], p + "step_cost": r["step_cost_vs_plain"],
         })
     return out
 
@@ -329,14 +367,14 @@ def mismatch_cell(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     return tabulate(
         [
-            [r["heads_used"], r["batch_size"], r["attention"], f"{r['speedup']:.2f}", f"{r['tokens_per_forward']:.2f}",
+            [r["heads_used"], r.get("nodes", r["heads_used"]), r["batch_size"], r["attention"], f"{r['speedup']:.2f}", f"{r['tokens_per_forward']:.2f}",
              f"{r['bytes_per_forward']:.2f}", f"{r['efficiency']:.2f}", f"{r['step_cost_vs_plain']:.2f}",
              f"{r['occupancy']:.2f}",
              " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-",
              f"{r['tokens_per_s']:.0f}", f"{r['bytes_per_s']:.0f}", mismatch_cell(r)]
             for r in rows
         ],
-        headers=["heads", "batch", "attention", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost", "occupancy",
+        headers=["heads", "nodes", "batch", "attention", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost", "occupancy",
                  "P(drafts 1..j accepted)", "tok/s", "bytes/s", "mismatched"],
     )
 
@@ -345,7 +383,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
-    from bytelm.checkpoint import checkpoint_step, load_model, run_dir_of
+    from bytelm.checkpoint import checkpoint_step, load_model, resolve_checkpoint, run_dir_of
+    from bytelm.tree import tree_from_spec
     from bytelm.tracking import hardware, log_to_run
 
     device = args.device
@@ -393,10 +432,12 @@ def main(args) -> int:
                         "use a smaller --prompt-len")
     max_new = args.max_new or min(1024, context - longest)
 
+    specs = [t.strip() for t in args.tree.split(",") if t.strip()]
+    trees = [tree_from_spec(t, resolve_checkpoint(args.checkpoint), max(heads)) for t in specs]
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
                          cuda_graphs=args.cuda_graphs, compile=args.compile, attention=attention,
                          repeats=args.repeats, cache_block=args.cache_block, flex_split_kv=args.flex_split_kv,
-                         refill_min=args.refill_min or None)
+                         refill_min=args.refill_min or None, trees=trees)
     print(table(rows))
 
     run_dir = run_dir_of(args.checkpoint)
@@ -407,12 +448,15 @@ def main(args) -> int:
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
         "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": list(attention),
         "cache_block": args.cache_block, "flex_split_kv": args.flex_split_kv, "refill_min": args.refill_min,  # 0: the decoder's default
-        "repeats": args.repeats, "hardware": hardware(),
+        "trees": specs, "repeats": args.repeats, "hardware": hardware(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},
     }
-    write_json(out, {"setup": setup, "rows": rows}, inputs=inputs)
+    result = {"setup": setup, "rows": rows}
+    if trees:
+        result["tree_choice"] = tree_choice(rows)
+    write_json(out, result, inputs=inputs)
     print(f"wrote {out}")
     log_to_run(run_dir, metrics_of(rows, name), [out], step=step)
     return 0

@@ -29,6 +29,7 @@ from bytelm.slots import Request, SlotScheduler
 from bytelm.speculative import Sampling
 from bytelm.step_engine import ATTENTION_BACKENDS, CACHE_BLOCK, StepEngine
 from bytelm.tokenizers import Tokenizer
+from bytelm.tree import Tree
 
 __all__ = ["ATTENTION_BACKENDS", "CACHE_BLOCK", "DecodeStats", "Decoder", "Generation", "cache_length",
            "cast_for_inference", "cut_at_stop", "encode_prompt", "generate", "generate_ids"]
@@ -131,7 +132,9 @@ class Decoder:
 
     Sampling parameters are fixed per decoder (they are baked into the captured step).
     `refill_min` is the smallest group of finished slots refilled with one prefill while
-    prompts wait; the other options are the step engine's (bytelm/step_engine.py).
+    prompts wait; `tree` verifies a tree of candidates per step instead of a chain
+    (bytelm/tree.py; heads must draft its depth); the other options are the step
+    engine's (bytelm/step_engine.py).
     `close()` (or leaving a `with` block) gives back what the engine changed outside
     itself; the decoder can run any number of times before.
     """
@@ -150,6 +153,7 @@ class Decoder:
         refill_min: int | None = None,
         cache_block: int = CACHE_BLOCK,
         flex_split_kv: int = 0,
+        tree: Tree | None = None,
     ):
         n = model.n_future
         if not 1 <= heads <= n:
@@ -167,7 +171,8 @@ class Decoder:
         self.L = min(max_len or model.cfg.context, model.cfg.context)
         self.engine = StepEngine(model, heads=heads, batch_size=batch_size, max_len=self.L, sampling=sampling,
                                  cuda_graphs=cuda_graphs, compile=compile, attention=attention,
-                                 cache_block=cache_block, flex_split_kv=flex_split_kv)
+                                 cache_block=cache_block, flex_split_kv=flex_split_kv, tree=tree)
+        self.tree = tree
 
     def close(self) -> None:
         self.engine.close()
@@ -223,7 +228,7 @@ class Decoder:
         while slots.active:
             b = slots.active
             t, captured = time.perf_counter(), engine.capture_s
-            stats.step_positions += engine.step(b, slots.step_length(engine.width, self.L))
+            stats.step_positions += engine.step(b, slots.step_length(engine.width, engine.cache_len))
             out = engine.out[:b].tolist()
             stats.capture_s += engine.capture_s - captured
             stats.step_s += time.perf_counter() - t - (engine.capture_s - captured)
@@ -298,6 +303,7 @@ def generate_ids(
     batch_size: int = 16,
     cuda_graphs: bool = False,
     compile: bool = False,
+    tree: Tree | None = None,
 ) -> Generation:
     """Token-level generation from prompt ids: ids, finish reasons and statistics."""
     if not prompts:
@@ -308,7 +314,7 @@ def generate_ids(
         raise UserError(str(e)) from None
     max_len = cache_length(model, max(len(p) for p in prompts), max_new_tokens, heads)
     with Decoder(model, heads=heads, batch_size=min(batch_size, len(prompts)), max_len=max_len,
-                 sampling=sampling, cuda_graphs=cuda_graphs, compile=compile) as decoder:
+                 sampling=sampling, cuda_graphs=cuda_graphs, compile=compile, tree=tree) as decoder:
         return decoder.run(prompts, max_new_tokens, tokenizer=tokenizer, stop=stop, seed=seed)
 
 
@@ -324,6 +330,7 @@ def generate(
     heads: int = 1,
     seed: int = 0,
     batch_size: int = 16,
+    tree: Tree | None = None,
 ) -> list[str]:
     """Completions of the prompts (prompt excluded), each cut at its first stop sequence.
 
@@ -334,6 +341,6 @@ def generate(
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     gen = generate_ids(
         model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        stop=stop, heads=heads, seed=seed, batch_size=batch_size,
+        stop=stop, heads=heads, seed=seed, batch_size=batch_size, tree=tree,
     )
     return [cut_at_stop(tokenizer.decode(t), stop) for t in gen.tokens]

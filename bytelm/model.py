@@ -561,10 +561,13 @@ class MTPTransformer(nn.Module):
 
     # -- decoding with a static KV cache ------------------------------------------
 
-    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> ModelCache:
+    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None, scratch: int = 0) -> ModelCache:
+        """Caches of `max_len` positions (at most the context) plus `scratch` slots past
+        them, where a tree step's nodes at the end of the context are written."""
         max_len = max_len or self.cfg.context
         if max_len > self.cfg.context:
             raise ValueError(f"cache length {max_len} exceeds the model's context {self.cfg.context}")
+        max_len += scratch
         p = self.tok_emb.weight
         device, dtype = device or p.device, dtype or p.dtype
         hkv = self.cfg.n_kv_heads or self.cfg.n_heads

@@ -130,3 +130,78 @@ def verify(
     last = sample(residual, u[:, -1])
     emitted = torch.cat([drafts, last[:, None]], dim=1).scatter(1, n_acc[:, None], last[:, None])
     return emitted, n_acc
+
+
+# ----------------------------------------------------------------------------- trees
+#
+# A tree step (bytelm/tree.py) verifies N nodes per row in one forward: node 0 is the
+# committed token c, node j > 0 a candidate for the position depth[j] after c, drafted by
+# head depth[j]+1 as its rank[j]-th choice at the step's drafting position. The tree's
+# shape comes as tensors: parent (N,), depth (N,), ancestors (N, N) bool (ancestors[j, i]:
+# i is j or an ancestor of j), path (N, D+1) (path[j, d]: j's ancestor at depth d, j
+# itself past its depth) and children (N, R) (children[j, r]: j's child of rank r, or -1).
+#
+# Sampling over a tree is exact by recursive rejection (SpecInfer's multi-step
+# speculative sampling): at an accepted node, its children are tested in rank order, each
+# a draft from a point mass (a candidate is a deterministic function of the context), so
+# child t is accepted with probability r(t)/Σr, r being the residual: head 1's
+# distribution at the node, less the children already rejected (max(0, r - δ_t) after a
+# rejection of t, renormalised). Each test leaves the token distributed as r, so the
+# first accepted child, or a draw from the final residual when every child was rejected,
+# is distributed as head 1's distribution at the node: the sequence is a sample of the
+# model. A node without children (or past the tree) ends the step with a plain draw.
+
+
+def verify_tree(logits: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
+                ancestors: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of a tree: logits (b, N, V) of head 1 at the nodes, tokens (b, N).
+
+    Returns (emitted (b, D+1), n_accepted (b,), best (b,)): the deepest node whose whole
+    path is accepted (a node is accepted when it is head 1's choice at its parent; siblings
+    are distinct tokens, so at most one per depth is), the number of candidates on its
+    path, and the tokens emitted[:, :n+1]: those candidates, then head 1's choice at best.
+    """
+    g = logits.argmax(-1)  # g[:, j]: head 1's choice after node j
+    ok = tokens == g[:, parent]
+    ok[:, 0] = True
+    path_ok = (ok[:, None, :] | ~ancestors).all(-1)  # (b, N)
+    best = torch.where(path_ok, depth, -1).argmax(-1)
+    return g.gather(1, path[best]), depth[best], best
+
+
+def verify_tree_sampled(logits: torch.Tensor, tokens: torch.Tensor, s: Sampling, u: torch.Tensor, depth: torch.Tensor,
+                        path: torch.Tensor, children: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recursive rejection sampling over a tree (see above): logits (b, N, V) of head 1 at
+    the nodes, tokens (b, N), uniforms u (b, D·R + 1). Returns what `verify_tree` does."""
+    b, N, V = logits.shape
+    D, R = path.shape[1] - 1, children.shape[1]
+    p = probs(logits, s)
+    rows = torch.arange(b, device=logits.device)
+    cur = torch.zeros(b, dtype=torch.long, device=logits.device)
+    alive = torch.ones(b, dtype=torch.bool, device=logits.device)
+    residual = p[:, 0]
+    for d in range(D):
+        taken = torch.zeros_like(alive)
+        nxt = cur
+        for r in range(R):
+            child = children[cur, r]
+            c = child.clamp_min(0)
+            t = tokens[rows, c]
+            w = residual[rows, t]
+            test = alive & ~taken & (child >= 0)
+            accept = test & (u[:, d * R + r].to(p.dtype) * residual.sum(-1) < w)
+            reject = test & ~accept
+            residual = residual.scatter(1, t[:, None], torch.where(reject, 0.0, w).to(p.dtype)[:, None])
+            nxt = torch.where(accept, c, nxt)
+            taken = taken | accept
+        alive = alive & taken
+        cur = torch.where(alive, nxt, cur)
+        residual = torch.where(alive[:, None], p[rows, cur], residual)
+    # Rounding can leave no mass outside the rejected children; the node's own
+    # distribution keeps the draw defined.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, cur])
+    last = sample(residual, u[:, -1])
+    n_acc = depth[cur]
+    along = tokens.gather(1, path[cur][:, 1:])  # the accepted candidates, then padding
+    emitted = torch.cat([along, last[:, None]], dim=1).scatter(1, n_acc[:, None], last[:, None])
+    return emitted, n_acc, cur

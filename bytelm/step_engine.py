@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from bytelm.errors import UserError
 from bytelm.model import KVCache, MTPTransformer
-from bytelm.speculative import Sampling, draft, next_token, verify
+from bytelm.speculative import Sampling, draft, next_token, verify, verify_tree, verify_tree_sampled
+from bytelm.tree import Tree
 
 # The attention of a decoding step: a scaled_dot_product_attention kernel with a boolean
 # mask over the cache (auto: PyTorch's choice; or pinned), or FlexAttention ("flex"). With
@@ -189,6 +190,7 @@ class StepEngine:
         attention: str = "auto",
         cache_block: int = CACHE_BLOCK,
         flex_split_kv: int = 0,
+        tree: Tree | None = None,
     ):
         if attention not in ATTENTION_BACKENDS:
             raise UserError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
@@ -206,14 +208,35 @@ class StepEngine:
         self.model, self.k, self.B, self.L, self.sampling = model, heads, batch_size, max_len, sampling
         self.attention, self.cache_block, self.flex_split_kv = attention, cache_block, flex_split_kv
         self.drafter = drafter_for(model)
+        self.tree = tree
+        if tree is not None:
+            tree.check_heads(heads)
+            if self.drafter is not parallel_drafts:
+                raise UserError(f"tree decoding needs heads that all read the trunk output; {model.cfg.head_type} "
+                                "heads draft one after another: decode with a chain")
         self.device, V = p.device, model.cfg.vocab_size
         prob_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         with torch.inference_mode():
-            self.cache = model.new_cache(batch_size, self.L)
-            self.tokens = torch.zeros(batch_size, heads, dtype=torch.long, device=self.device)  # [c, drafts]
+            if tree is None:
+                self.cache = model.new_cache(batch_size, self.L)
+                self.tokens = torch.zeros(batch_size, heads, dtype=torch.long, device=self.device)  # [c, drafts]
+                self.u = torch.zeros(batch_size, 2 * heads, dtype=prob_dtype, device=self.device)
+            else:
+                # A row at the end of the context still writes all its nodes: into scratch slots.
+                self.cache = model.new_cache(batch_size, self.L, scratch=tree.nodes - 1)
+                self.tokens = torch.zeros(batch_size, tree.nodes, dtype=torch.long, device=self.device)  # [c, nodes]
+                self.u = torch.zeros(batch_size, tree.depth * tree.width + 1, dtype=prob_dtype, device=self.device)
+                t = dict(device=self.device)
+                self.t_parent = torch.tensor(tree.parent(), **t)
+                self.t_depth = torch.tensor(tree.depths(), **t)
+                self.t_ancestors = torch.tensor(tree.ancestors(), **t)
+                self.t_path = torch.tensor(tree.path_table(), **t)
+                self.t_children = torch.tensor(tree.children(), **t)
+                # node j's candidate in the (head, rank) list of a drafting position
+                self.t_candidate = torch.tensor([(d - 1) * tree.width + r for d, r in zip(tree.depths(), tree.ranks())][1:], **t)
             self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # position of c
-            self.q = None if sampling.greedy or heads == 1 else torch.zeros(batch_size, heads - 1, V, dtype=prob_dtype, device=self.device)
-            self.u = torch.zeros(batch_size, 2 * heads, dtype=prob_dtype, device=self.device)
+            self.q = (None if sampling.greedy or heads == 1 or tree is not None else
+                      torch.zeros(batch_size, heads - 1, V, dtype=prob_dtype, device=self.device))
             self.out = torch.zeros(batch_size, heads + 1, dtype=torch.long, device=self.device)  # emitted, n_accepted
             # a prefill's inputs and output (static, for its graphs)
             self.pf_idx = torch.zeros(batch_size, self.L, dtype=torch.long, device=self.device)  # right-padded prompts
@@ -256,8 +279,13 @@ class StepEngine:
 
     @property
     def width(self) -> int:
-        """Cache positions a step writes per row, from its committed token's on."""
-        return self.k
+        """Cache slots a step writes per row, from its committed token's position on."""
+        return self.k if self.tree is None else self.tree.nodes
+
+    @property
+    def cache_len(self) -> int:
+        """Cache slots per row: L, plus a tree's scratch slots."""
+        return self.cache.max_len
 
     @property
     def _step_fn(self) -> Callable:
@@ -290,10 +318,11 @@ class StepEngine:
 
     def length_bucket(self, length: int | None) -> int:
         """Cache positions a step reads when it must read the first `length` (None: all):
-        the next multiple of cache_block, at most the cache length L."""
+        the next multiple of cache_block, at most the cache's slots."""
+        L = self.cache_len
         if length is None:
-            return self.L
-        return min(self.L, -(-max(length, 1) // self.cache_block) * self.cache_block)
+            return L
+        return min(L, -(-max(length, 1) // self.cache_block) * self.cache_block)
 
     # -- the step ----------------------------------------------------------------------
 
@@ -311,6 +340,8 @@ class StepEngine:
             return self._step_body(s, length)
 
     def _step_body(self, s: int, length: int) -> None:
+        if self.tree is not None:
+            return self._tree_step_body(s, length)
         m, k, cache = self.model, self.k, self._prefix(s, length)
         tokens, u = self.tokens[:s], self.u[:s]
         # Positions past the prefix are clamped onto its last slot. For an active row
@@ -337,6 +368,52 @@ class StepEngine:
         self.pos[:s] += n_acc + 1
         if self.q is not None:
             self.q[:s] = q
+
+    def _tree_step_body(self, s: int, length: int) -> None:
+        """A tree step: every node of each row's tree in one forward (bytelm/tree.py),
+        the deepest accepted path kept, its keys and values moved to the positions after
+        the committed token (one gather per layer), the next tree drafted from its end."""
+        m, cache, N, D = self.model, self._prefix(s, length), self.tree.nodes, self.tree.depth
+        tokens = self.tokens[:s]
+        # Free and idle rows' roots are clamped into the prefix (a live row's nodes fit:
+        # the length bucket is above its last slot). Positions past the context are those
+        # of nodes whose tokens are never kept.
+        root = self.pos[:s].clamp_max(length - N)
+        positions = (root[:, None] + self.t_depth).clamp_max(m.cfg.context - 1)
+        spec = m.attention_spec(N, positions, length, flex=self.attention == "flex",
+                                flex_split_kv=self.flex_split_kv, ancestors=self.t_ancestors)
+        z = m.trunk(tokens, spec, cache)
+        logits = m.head_logits(0, z, spec, cache)
+        if self.sampling.greedy:
+            emitted, n_acc, best = verify_tree(logits, tokens, self.t_parent, self.t_depth, self.t_ancestors, self.t_path)
+        else:
+            emitted, n_acc, best = verify_tree_sampled(logits, tokens, self.sampling, self.u[:s], self.t_depth,
+                                                       self.t_path, self.t_children)
+        candidates = self._tree_candidates(z, spec, cache, best)
+        self._keep_path(cache, root, best)
+        self.out[:s, : D + 1] = emitted
+        self.out[:s, self.k] = n_acc
+        self.tokens[:s] = torch.cat([emitted.gather(1, n_acc[:, None]), candidates], dim=1)
+        self.pos[:s] += n_acc + 1
+
+    def _tree_candidates(self, z, spec, cache: CacheView, at: torch.Tensor) -> torch.Tensor:
+        """The tree's candidates (b, N-1) after input index `at` (b,): each node's rank of
+        its head's choices there."""
+        tree = self.tree
+        logits = head_logits_at(self.model, z, spec, cache, at, 1, tree.depth + 1)  # (b, D, V)
+        ranked = logits.topk(tree.width, dim=-1).indices.flatten(1)  # (b, D·R)
+        return ranked[:, self.t_candidate]
+
+    def _keep_path(self, cache: CacheView, root: torch.Tensor, best: torch.Tensor) -> None:
+        """The accepted path's keys and values, at slots root + path[best], to the slots
+        root, root+1, ...: every layer's cache compacted once. Slots past the accepted
+        depth receive copies that the next step overwrites before reading."""
+        path = root[:, None] + self.t_path[best]  # (b, D+1)
+        dst = root[:, None] + torch.arange(path.shape[1], device=path.device)
+        rows = torch.arange(path.shape[0], device=path.device)[:, None]
+        for view in list(cache.trunk) + list(cache.heads or []):
+            for t in (view.k, view.v):
+                t[rows, :, dst] = t[rows, :, path]
 
     def step(self, b: int, length: int | None = None) -> int:
         """One decoding step of the active slots [0, b) (its results are in `out`).
@@ -401,7 +478,10 @@ class StepEngine:
         last = lens - 1
         first = next_token(head_logits_at(m, z, spec, cache, last, 0, 1)[:, 0], self.sampling,
                            None if u is None else u[:, 0])
-        drafts, q = self.drafter(m, z, spec, cache, last, first, k, self.sampling, None if u is None else u[:, 1:])
+        if self.tree is not None:
+            drafts, q = self._tree_candidates(z, spec, cache, last), None
+        else:
+            drafts, q = self.drafter(m, z, spec, cache, last, first, k, self.sampling, None if u is None else u[:, 1:])
         self.tokens[at] = torch.cat([first[:, None], drafts], dim=1)
         self.pos[at] = lens
         if self.q is not None:

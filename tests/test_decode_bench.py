@@ -189,3 +189,60 @@ def test_explain_mismatch_gives_the_first_difference_and_head_1s_gap():
     assert out["speculative_token_gap"] == pytest.approx(out["top2_logit_gap"])
     # a completion that stops early differs only in length: no logits to explain
     assert explain_mismatch(model, prompt, plain, plain[:4]) == {"first_difference": 4, "plain_length": 6, "speculative_length": 4}
+
+
+def tree_fit(run_dir, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bytelm", "tree-fit", "--checkpoint", str(run_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=600)
+
+
+@pytest.mark.slow
+def test_tree_fit_is_reproducible_and_trees_decode_like_plain_greedy(run_dir, tmp_path):
+    """tree-fit twice gives the same file; decode-bench --tree runs its trees beside the
+    chains with no mismatch (float32) and records the tree size to use per batch; a tree
+    file fitted to other weights is refused."""
+    from bytelm.checkpoint import resolve_checkpoint
+
+    args = ("--nodes", "8", "--n-prompts", "4", "--prompt-len", "32", "--max-new", "24")
+    p = tree_fit(run_dir, *args)
+    assert p.returncode == 0, p.stderr
+    ckpt = resolve_checkpoint(run_dir)
+    first = (ckpt / "trees.json").read_text()
+    assert tree_fit(run_dir, *args).returncode == 0
+    assert (ckpt / "trees.json").read_text() == first
+    data = json.loads(first)
+    assert data["nodes"] == 8 and len(data["paths"]) == 7 and data["heads"] == 4
+    rates = [p["rate"] for p in data["paths"]]
+    assert rates == sorted(rates, reverse=True) and 0 < rates[0] <= 1
+    assert all(len(p["path"]) <= 3 for p in data["paths"])
+
+    out = tmp_path / "bench.json"
+    p = bench(run_dir, "--heads", "1,4", "--batch-sizes", "1,3", "--n-prompts", "4", "--prompt-len", "48",
+              "--max-new", "24", "--tree", "4,8", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["decoder"], r["nodes"], r["batch_size"]) for r in rows] == [
+        (d, n, b) for b in (1, 3) for d, n in (("chain", 1), ("chain", 4), ("tree", 4), ("tree", 8))]
+    assert all(r["mismatched_sequences"] == 0 for r in rows)
+    assert set(result["tree_choice"]) == {"1", "3"}
+    assert result["tree_choice"]["1"]["nodes"] in (4, 8)
+
+    # the same tree file beside other weights
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ckpt.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] * 1.01
+    save_file(weights, str(other / "model.safetensors"))
+    p = bench(other, "--heads", "1,4", "--batch-sizes", "1", "--n-prompts", "1", "--prompt-len", "48",
+              "--max-new", "8", "--tree", "8", "--json", str(tmp_path / "x.json"))
+    assert p.returncode != 0 and "fitted to other weights" in p.stderr and "Traceback" not in p.stderr
+    p = bench(run_dir, "--heads", "1,4", "--batch-sizes", "1", "--tree", "16", "--json", str(tmp_path / "y.json"))
+    assert p.returncode != 0 and "tree-fit --nodes 16" in p.stderr

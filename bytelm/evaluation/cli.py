@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generation budget in the model's tokens for every task (0 = each task's own, docs/evaluation.md)")
     p.add_argument("--heads", type=int, help="sample with k heads: self-speculative sampling, the same distribution "
                                              "(eval.heads; default 0 = min(the model's heads, 8); 1 = plain sampling)")
+    p.add_argument("--tree", default="",
+                   help="verify a tree of draft candidates per step instead of a chain: a node count (the tree of "
+                        "that size in the checkpoint's trees.json, from `bytelm tree-fit`) or a tree file; exact "
+                        "sampling (recursive rejection over the tree)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--attention", default="auto",
@@ -81,7 +85,7 @@ def settings_from(args: argparse.Namespace, eval_cfg) -> EvalSettings:
         batch_size=pick(args.batch_size, eval_cfg.batch_size),
         max_new_tokens=pick(args.max_new_tokens, eval_cfg.max_new_tokens),
         heads=pick(args.heads, eval_cfg.heads), seed=args.seed, device=args.device, dtype=args.dtype,
-        attention=args.attention, truncate_prompts=args.truncate_prompts,
+        attention=args.attention, truncate_prompts=args.truncate_prompts, tree=args.tree,
     )
     checks = [
         (s.n_samples >= 1, "--n-samples must be >= 1"),

@@ -35,6 +35,7 @@ from bytelm.fileio import check_output, iter_jsonl, write_json, write_jsonl
 if TYPE_CHECKING:  # torch is imported only in checkpoint mode
     from bytelm.model import MTPTransformer
     from bytelm.tokenizers import Tokenizer
+    from bytelm.tree import Tree
 
 # Heads an evaluation samples with by default (eval.heads = 0): the model's, at most 8.
 # Speculative sampling is exact, so this changes the speed, not the samples' distribution:
@@ -71,6 +72,7 @@ class EvalSettings:
     # a prompt longer than the context: False, it is not generated and its samples score 0;
     # True, its first tokens are dropped so that it fits with room to generate (recorded per sample)
     truncate_prompts: bool = False
+    tree: str = ""  # --tree SPEC: verify a tree of candidates per step (bytelm.tree.tree_from_spec; "" = a chain)
 
 
 def problems_of(task: str, s: EvalSettings) -> list[Problem]:
@@ -247,6 +249,7 @@ class _Sampler:
     tokenizer: "Tokenizer"
     s: EvalSettings
     cuda_graphs: bool = False
+    tree: "Tree | None" = None
     seconds: float = 0.0  # spent generating
     # per (task, temperature): the decoder's counters summed over the chunks (time per
     # step, prefills, tokens per forward, and how often drafts are kept when sampling)
@@ -293,7 +296,7 @@ class _Sampler:
             decoder = Decoder(
                 self.model, heads=s.heads, batch_size=min(s.batch_size, n * len(fits)),
                 max_len=cache_length(self.model, max(map(len, ids.values())), budget, s.heads),
-                sampling=Sampling(temp, s.top_p), cuda_graphs=self.cuda_graphs, attention=s.attention,
+                sampling=Sampling(temp, s.top_p), cuda_graphs=self.cuda_graphs, attention=s.attention, tree=self.tree,
             )
             self.seconds += time.perf_counter() - t0
             per_call = max(1, (4 * s.batch_size) // n)  # enough rows to keep the batch full as rows finish
@@ -351,18 +354,20 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     logs pass@k per temperature and at the oracle temperature to the checkpoint's run."""
     import torch
 
-    from bytelm.checkpoint import checkpoint_step, load_model, run_dir_of
+    from bytelm.checkpoint import checkpoint_step, load_model, resolve_checkpoint, run_dir_of
     from bytelm.generate import cast_for_inference
     from bytelm.tracking import log_to_run
+    from bytelm.tree import tree_from_spec
 
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_model(checkpoint, device=device)
     dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     model = cast_for_inference(model, getattr(torch, dtype))
     s = replace(s, heads=s.heads or min(model.n_future, AUTO_HEADS))
+    tree = tree_from_spec(s.tree, resolve_checkpoint(checkpoint), s.heads)
     # On a GPU the decoding step is replayed from CUDA graphs: a small model's eager step
     # is bound by kernel launches (docs/decoding.md), which would dominate the eval's time.
-    sampler = _Sampler(model, tokenizer, s, cuda_graphs=device == "cuda")
+    sampler = _Sampler(model, tokenizer, s, cuda_graphs=device == "cuda", tree=tree)
     run_dir = run_dir_of(checkpoint)
     step = checkpoint_step(checkpoint)  # the training step evaluated
     out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
@@ -370,7 +375,9 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     summary: dict = {
         "checkpoint": str(checkpoint), "step": step, "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
         "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "device": device,
-        "dtype": dtype, "cuda_graphs": sampler.cuda_graphs, "attention": s.attention, "tasks": {},
+        "dtype": dtype, "cuda_graphs": sampler.cuda_graphs, "attention": s.attention,
+        "tree": None if tree is None else {"nodes": tree.nodes, "paths": tree.to_json(), "sampling": "exact recursive rejection"},
+        "tasks": {},
     }
     records: list[dict] = []
     t_start = time.perf_counter()
