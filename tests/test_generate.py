@@ -216,8 +216,8 @@ def test_decoder_is_reusable_and_sampling_is_seeded():
 
 def test_a_finished_decoder_frees_its_cache_without_the_cycle_collector():
     """An evaluation builds a decoder per chunk; each one's KV cache must go when the
-    decoder does, not when Python's cyclic collector next runs (six 100M arithmetic
-    evaluations on one H200 ran out of memory with the caches of earlier chunks alive)."""
+    decoder does, not when Python's cyclic collector next runs (else several evaluations
+    in one process keep the caches of earlier chunks alive and can run out of GPU memory)."""
     import gc
     import weakref
 
