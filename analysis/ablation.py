@@ -89,35 +89,42 @@ def paper_side_by_side(df: pd.DataFrame, runs: pd.DataFrame) -> str:
 
 
 def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
-    """Speedup / tokens per forward by heads used, one column per prompt set and batch size
-    benchmarked (code first), ours beside the paper's Table S3 (whose models are the 7B byte
-    models with n = 8, 16, 32, on code at batch 16)."""
+    """Speedup / tokens per forward by decoder (a chain of k heads, or a tree of N nodes
+    with every head), one column per prompt set and batch size benchmarked (code first),
+    ours beside the paper's Table S3 (whose models are the 7B byte models with n = 8, 16,
+    32, on code at batch 16, chains only)."""
     spec = spec_metrics(runs)
     if spec.empty:
         return "", ""
     spec = spec.merge(runs[["run_id", "vocab", "n"]], on="run_id")
-    wide = spec.pivot_table(index=["vocab", "n", "heads", "prompts", "batch"], columns="what", values="value",
-                            aggfunc="mean")
+    wide = spec.pivot_table(index=["vocab", "n", "decoder", "nodes", "prompts", "batch"], columns="what",
+                            values="value", aggfunc="mean")
     keys = wide.index.to_frame(index=False)
     settings = sorted(set(zip(keys["prompts"], keys["batch"])), key=lambda pb: (pb[0] != "code", pb[0], pb[1]))
-    configs = keys[["vocab", "n", "heads"]].drop_duplicates().sort_values(
-        ["vocab", "n", "heads"], key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
+    configs = keys[["vocab", "n", "decoder", "nodes"]].drop_duplicates().sort_values(
+        ["vocab", "n", "decoder", "nodes"], key=lambda c: c.map(VOCAB_ORDER).fillna(9) if c.name == "vocab" else c)
     rows = []
-    for vocab, n, heads in configs.itertuples(index=False):
-        cells = [_s3_cell(wide.loc[vocab, n, heads, p, b], vocab) if (vocab, n, heads, p, b) in wide.index else "–"
-                 for p, b in settings]
-        paper = TABLE_S3.get(int(n), {}).get(int(heads)) if vocab == "bytes" else None
-        rows.append([VOCAB_TITLES.get(vocab, vocab), int(n), int(heads), *cells,
-                     f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "–"])
-    headers = ["vocab", "n", "heads used", *(f"{p}, batch {b}" for p, b in settings), "paper (code, batch 16)"]
-    desc = ("speedup / tokens per forward (in brackets, bytes per forward where a token is not a byte), "
-            "mean over seeds, for each prompt set and batch size benchmarked")
+    for vocab, n, decoder, nodes in configs.itertuples(index=False):
+        cells = [_s3_cell(wide.loc[vocab, n, decoder, nodes, p, b], vocab)
+                 if (vocab, n, decoder, nodes, p, b) in wide.index else "–" for p, b in settings]
+        paper = TABLE_S3.get(int(n), {}).get(int(nodes)) if vocab == "bytes" and decoder == "chain" else None
+        rows.append([VOCAB_TITLES.get(vocab, vocab), int(n), f"{int(nodes)} heads" if decoder == "chain" else "tree",
+                     int(nodes), *cells, f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "–"])
+    headers = ["vocab", "n", "decoder", "nodes", *(f"{p}, batch {b}" for p, b in settings), "paper (code, batch 16)"]
+    desc = ("speedup / tokens per forward (in brackets, bytes per forward where a token is not a byte), then the "
+            "efficiency (speedup ÷ tokens per forward) and the step cost (a step's time over a plain step's) where "
+            "measured; mean over seeds, for each prompt set and batch size benchmarked; nodes: the positions a "
+            "step verifies per row (a chain of k heads: k)")
     return tabulate(rows, headers=headers, tablefmt="github"), desc
 
 
 def _s3_cell(r: pd.Series, vocab: str) -> str:
     cell = f"{r.get('speedup', np.nan):.2f} / {r.get('tokens_per_forward', np.nan):.2f}"
-    return cell if vocab == "bytes" else f"{cell} [{r.get('bytes_per_forward', np.nan):.2f}]"
+    if vocab != "bytes":
+        cell += f" [{r.get('bytes_per_forward', np.nan):.2f}]"
+    if pd.notna(r.get("efficiency", np.nan)):
+        cell += f", eff. {r['efficiency']:.2f}, step {r.get('step_cost', np.nan):.2f}"
+    return cell
 
 
 def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
@@ -138,7 +145,7 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     for fname, title, draw in (
         ("passk_vs_k.png", "pass@k against k", lambda p: plots.passk_vs_k(runs, p)),
         ("vs_n.png", "pass@1 and bits per byte against n", lambda p: plots.metrics_vs_n(runs, p)),
-        ("speedup_vs_heads.png", "speculative decoding against heads used", lambda p: plots.speedup_vs_heads(runs, p)),
+        ("speedup_vs_heads.png", "speculative decoding against heads used and tree size", lambda p: plots.speedup_vs_heads(runs, p)),
         ("bpb_vs_bytes.png", "validation bits per byte against training bytes",
          lambda p: plots.bpb_curves(runs, history, p, "train/bytes_seen", "training bytes of text")),
         ("bpb_vs_flops.png", "validation bits per byte against training FLOPs",

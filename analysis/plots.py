@@ -90,8 +90,10 @@ def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
 
 
 def speedup_vs_heads(runs: pd.DataFrame, path: Path) -> bool:
-    """Speculative-decoding speedup and bytes per forward against the heads used (the
-    paper's Table S3 as a figure; its 7B byte models drawn dashed for reference)."""
+    """Speculative-decoding speedup and bytes per forward against the positions a step
+    verifies per row: a chain of k heads (k, solid) and trees of N nodes (N, dashed, square
+    markers) side by side (the paper's Table S3 as a figure; its 7B byte models' chains
+    drawn dashed gray for reference)."""
     spec = spec_metrics(runs)
     if spec.empty:
         return False
@@ -103,14 +105,19 @@ def speedup_vs_heads(runs: pd.DataFrame, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, what, title, paper_idx in ((axes[0], "speedup", "speedup over plain decoding", 0),
                                        (axes[1], "bytes_per_forward", "bytes per forward", 1)):
-        sel = spec[spec["what"] == what].groupby(["config", "heads"])["value"].mean().reset_index()
-        for config, g in sel.groupby("config"):
-            ax.plot(g["heads"], g["value"], marker="o", label=config)
+        sel = spec[spec["what"] == what].groupby(["config", "decoder", "nodes"])["value"].mean().reset_index()
+        for i, (config, g) in enumerate(sel.groupby("config")):
+            color = f"C{i}"
+            chain, tree = g[g["decoder"] == "chain"], g[g["decoder"] == "tree"]
+            ax.plot(chain["nodes"], chain["value"], marker="o", color=color, label=f"{config} chain")
+            if not tree.empty:
+                ax.plot(tree["nodes"], tree["value"], marker="s", ls="--", color=color, label=f"{config} trees")
         for n, row in TABLE_S3.items():
             heads = sorted(row)
             ax.plot(heads, [row[h][paper_idx] for h in heads], ls="--", lw=0.8, color="gray", alpha=0.6)
-        ax.plot([], [], ls="--", color="gray", label="paper 7B bytes n=8/16/32")
-        ax.set_xlabel("heads used")
+        ax.plot([], [], ls="--", color="gray", label="paper 7B bytes n=8/16/32 (chains)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("positions verified per step (chain: heads used; tree: nodes)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -19,7 +19,7 @@ from bytelm.errors import UserError
 # config param behind each axis, for runs that were not made by a sweep
 AXIS_PARAMS = {"vocab": "data.tokenizer", "n": "model.n_future", "head_type": "model.head_type",
                "mtp_schedule": "train.mtp_schedule.kind", "seed": "train.seed"}
-SPEC_KEY = re.compile(r"^spec/(?P<prompts>[^/]+)/b(?P<batch>\d+)/k(?P<heads>\d+)/(?P<what>[a-z_]+)$")
+SPEC_KEY = re.compile(r"^spec/(?P<prompts>[^/]+)/b(?P<batch>\d+)/(?:k(?P<heads>\d+)|tree(?P<nodes>\d+))/(?P<what>[a-z_]+)$")
 PASS_KEY = re.compile(r"^pass_at_(?P<k>\d+)/(?P<task>[^/]+)/(?P<temp>best|t[0-9.]+)$")
 
 
@@ -173,17 +173,21 @@ def metric_history(uri: str, run_ids: list[str], keys: list[str]) -> pd.DataFram
 
 
 def spec_metrics(runs: pd.DataFrame) -> pd.DataFrame:
-    """Decode-bench metrics in long form: run_id, prompts, batch, heads, what, value."""
+    """Decode-bench metrics in long form: run_id, prompts, batch, decoder ("chain" or
+    "tree"), heads (a chain's heads used; 0 for a tree), nodes (positions verified per row
+    and step: a chain's heads, a tree's nodes), what, value."""
     rows = []
     for col in runs.columns:
         m = SPEC_KEY.match(col)
         if not m:
             continue
+        chain = m["heads"] is not None
         for run_id, v in zip(runs["run_id"], runs[col]):
             if pd.notna(v):
                 rows.append({"run_id": run_id, "prompts": m["prompts"], "batch": int(m["batch"]),
-                             "heads": int(m["heads"]), "what": m["what"], "value": float(v)})
-    return pd.DataFrame(rows, columns=["run_id", "prompts", "batch", "heads", "what", "value"])
+                             "decoder": "chain" if chain else "tree", "heads": int(m["heads"]) if chain else 0,
+                             "nodes": int(m["heads"] if chain else m["nodes"]), "what": m["what"], "value": float(v)})
+    return pd.DataFrame(rows, columns=["run_id", "prompts", "batch", "decoder", "heads", "nodes", "what", "value"])
 
 
 def pass_metrics(runs: pd.DataFrame) -> pd.DataFrame:

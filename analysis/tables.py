@@ -54,7 +54,7 @@ def best_speedup(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series, str]:
     spec = spec_metrics(runs)
     speed = pd.Series(np.nan, index=runs.index)
     heads = pd.Series(np.nan, index=runs.index)
-    spec = spec[spec["what"] == "speedup"]
+    spec = spec[(spec["what"] == "speedup") & (spec["decoder"] == "chain")]
     if spec.empty:
         return speed, heads, ""
     prompts = "code" if "code" in set(spec["prompts"]) else sorted(spec["prompts"])[0]

@@ -66,6 +66,10 @@ def log_study(client: MlflowClient, experiment: str) -> str:
             if vocab == "bytes":  # a batch-16 benchmark of the byte runs: its own column of Table S3
                 metrics += [Metric(f"spec/code/b16/k{heads}/speedup", speedup / 2, 0, 300),
                             Metric(f"spec/code/b16/k{heads}/tokens_per_forward", bpf, 0, 300)]
+        if vocab == "bytes":  # a tree of 16 nodes beside the chains, with its efficiency and step cost
+            metrics += [Metric(f"spec/code/b1/tree16/{what}", v, 0, 300) for what, v in
+                        (("speedup", 5.0), ("tokens_per_forward", 8.0), ("bytes_per_forward", 8.0),
+                         ("efficiency", 0.625), ("step_cost", 1.5))]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
         client.set_terminated(run_id, "FINISHED")
     failed = client.create_run(exp_id, run_name="bpe-n8-transformer-s0",
@@ -126,11 +130,12 @@ def test_table1_rows_columns_values_and_bold(study):
     assert "bpe-n8-transformer-s0`: FAILED — train exited with 1: CUDA out of memory" in text
     assert "Beside the paper's Table 1" in text and "32.3 / 50.0 / 69.6" in text  # paper's byte n=8 MBPP
     assert "6.39 / 7.04" in text  # paper Table S3, n=8 model with 8 heads
-    s3 = {tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in line.split("|")[4:-1]]
+    s3 = {tuple(c.strip() for c in line.split("|")[1:5]): [c.strip() for c in line.split("|")[5:-1]]
           for line in text.split("beside the paper's Table S3")[1].splitlines() if line.startswith("| ")}
-    assert s3[("vocab", "n", "heads used")] == ["code, batch 1", "code, batch 16", "paper (code, batch 16)"]
-    assert s3[("bytes", "8", "8")] == ["6.20 / 7.05", "3.10 / 7.05", "6.39 / 7.04"]  # means over the two seeds
-    assert s3[("BPE", "4", "4")] == ["2.90 / 3.40 [3.40]", "–", "–"]
+    assert s3[("vocab", "n", "decoder", "nodes")] == ["code, batch 1", "code, batch 16", "paper (code, batch 16)"]
+    assert s3[("bytes", "8", "8 heads", "8")] == ["6.20 / 7.05", "3.10 / 7.05", "6.39 / 7.04"]  # means over the two seeds
+    assert s3[("BPE", "4", "4 heads", "4")] == ["2.90 / 3.40 [3.40]", "–", "–"]
+    assert s3[("bytes", "8", "tree", "16")] == ["5.00 / 8.00, eff. 0.62, step 1.50", "–", "–"]
     for png in ("passk_vs_k.png", "vs_n.png", "speedup_vs_heads.png", "bpb_vs_bytes.png", "bpb_vs_flops.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in text
