@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str | dict[str, tuple[str, str]], str]] = {
     "eval": ("bytelm.evaluation.cli", "pass@k on HumanEval / MBPP / APPS for a checkpoint or a samples file"),
     "decode-bench": ("bytelm.decode_bench", "self-speculative decoding benchmark (speedup, bytes per forward)"),
     "tree-fit": ("bytelm.tree_fit", "the best trees of draft candidates for a checkpoint, from held-out text"),
-    "sweep": ("experiments.sweep", "run a study: a grid of configurations as MLflow child runs"),
+    "sweep": ("bytelm.sweep.cli", "run a study: a grid of configurations as MLflow child runs"),
     "report": ("analysis.report", "n-ablation tables and plots from an MLflow experiment"),
     "track": ("bytelm.tracking_cli", "MLflow utilities: import run directories made offline"),
     "synth": ({

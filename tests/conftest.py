@@ -12,6 +12,8 @@ workers while holding a file lock, the others wait and then find it up to date.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,27 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # Idempotent: the second worker's call finds every stage up to date in ~0.1 s.
         prepare(preset_options("smoke", out, workers=1))
     return out
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real one-node Slurm cluster (scripts/slurm_cluster.sh) for this test worker: the
+    path of its slurm.conf, to pass as SLURM_CONF. Skipped, with the reason, where Slurm is
+    not installed or this is not root; in CI (CI=true) that is a failure instead."""
+    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(t) is None]
+    why = (f"Slurm is not installed ({', '.join(missing)} missing: Debian's slurm-wlm and munge)" if missing
+           else "the test cluster needs root" if os.geteuid() != 0 else None)
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}; scripts/test.sh installs them in CI")
+        pytest.skip(why)
+    folder = tmp_path_factory.mktemp("slurm")
+    script = REPO / "scripts" / "slurm_cluster.sh"
+    r = subprocess.run(["bash", str(script), "start", str(folder)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.fail(f"the test Slurm cluster did not start: {r.stdout}{r.stderr}")
+    yield folder / "slurm.conf"
+    subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, timeout=120)

@@ -15,7 +15,10 @@ import pytest
 import yaml
 
 from bytelm.errors import UserError
-from experiments.sweep import _device_env, expand_grid, load_spec, plan_sweep, resolve_devices
+from bytelm.sweep.local import device_env, resolve_devices
+from bytelm.sweep.plan import plan_sweep
+from bytelm.sweep.spec import expand_grid, load_spec
+from bytelm.sweep.stages import stage_commands
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke.yaml"
@@ -68,11 +71,14 @@ def test_devices_one_gpu_per_run(monkeypatch):
     assert resolve_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     with pytest.raises(UserError, match="not cpu or cuda:N"):
         resolve_devices("gpu0")
-    assert _device_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_env(["cpu"]) == {"CUDA_VISIBLE_DEVICES": ""}
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert _device_env("cuda:3") == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert device_env(["cuda:3"]) == {"CUDA_VISIBLE_DEVICES": "3"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")  # cuda:i counts within what the sweep sees
-    assert _device_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "5"}
+    assert device_env(["cuda:1"]) == {"CUDA_VISIBLE_DEVICES": "5"}
+    assert device_env(["cuda:0", "cuda:1"]) == {"CUDA_VISIBLE_DEVICES": "4,5"}
+    with pytest.raises(UserError, match="holds 2 GPU"):
+        resolve_devices("cuda:2")
 
 
 @pytest.mark.parametrize("by", ["bytes", "flops"])
@@ -250,8 +256,6 @@ def test_stages_in_separate_calls_and_a_bench_per_prompt_set(smoke_data, tmp_pat
 def test_concurrent_evaluations_share_the_cores(tmp_path, monkeypatch):
     """With several configurations at once, each evaluation's sandbox takes its share of
     the cores (a flag of the spec's own wins)."""
-    from experiments.sweep import stage_commands
-
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], eval={"tasks": ["humaneval", "mbpp"]}))
     plan = plan_sweep(spec)[0]
@@ -261,7 +265,7 @@ def test_concurrent_evaluations_share_the_cores(tmp_path, monkeypatch):
     assert [(c[c.index("--task") + 1], Path(c[c.index("--json") + 1]).name) for c in shared] == [
         ("humaneval", "humaneval.json"), ("mbpp", "mbpp.json")]
     assert all("--workers" not in c for c in alone) and all(c[c.index("--workers") + 1] == "10" for c in shared)
-    spec.eval["args"] = ["--workers", "4"]
+    spec.eval.args = ["--workers", "4"]
     own = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False, slots=3)["eval"][0]
     assert own.count("--workers") == 1 and own[own.index("--workers") + 1] == "4"
 
@@ -269,8 +273,6 @@ def test_concurrent_evaluations_share_the_cores(tmp_path, monkeypatch):
 def test_bench_commands_cut_heads_to_the_model(tmp_path):
     """Without a heads list, decode-bench picks 1, 2, 4, ..., n; an n = 1 model (which
     decode-bench would refuse to speculate with) measures plain decoding alone."""
-    from experiments.sweep import stage_commands
-
     spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "bench"], bench={"batch_sizes": [1, 16]},
                                 grid={"vocab": {"bytes": {"n": [1, 8], "head_type": "unembed"}}, "seed": [0]}))
     heads = {}
@@ -295,3 +297,143 @@ def test_the_main_study_spec_plans_its_runs_and_second_seeds(smoke_data):
         twin = first[p.name[:-1] + "0"]
         assert [o for o in p.overrides if not o.startswith("train.seed=")] == \
             [o for o in twin.overrides if not o.startswith("train.seed=")] and "train.seed=1" in p.overrides
+
+
+def test_eval_flags_only_where_the_spec_sets_them(tmp_path):
+    """`set: {eval.n_samples: 20}` reaches `bytelm eval` through the run's config: the
+    runner passes --n-samples only when the spec's eval block sets it, and logs the
+    settings that ran as the stage's params."""
+    from bytelm.sweep.stages import stage_params
+
+    grid = {"vocab": ["bytes"], "n": [1], "head_type": "unembed", "seed": [0]}
+    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], grid=grid,
+                                set={**TINY, "eval.n_samples": 20, "eval.temperatures": [0.3]}))
+    (plan,) = plan_sweep(spec)
+    (cmd,) = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False)["eval"][:1]
+    assert "--n-samples" not in cmd and "--temperatures" not in cmd
+    assert stage_params(spec, plan, "eval")["stage.eval.n_samples"] == "20"
+    assert stage_params(spec, plan, "eval")["stage.eval.temperatures"] == "0.3"
+    assert stage_params(spec, plan, "eval")["stage.eval.tasks"] == "humaneval,mbpp"  # EvalConfig's default
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], grid=grid,
+                                set={**TINY, "eval.n_samples": 20}, eval={"n_samples": 3, "tasks": "mbpp"}))
+    (plan,) = plan_sweep(spec)
+    (cmd,) = stage_commands(spec, plan, tmp_path / "r", parent_run_id=None, use_mlflow=False)["eval"]
+    assert cmd[cmd.index("--n-samples") + 1] == "3" and cmd[cmd.index("--task") + 1] == "mbpp"
+    assert stage_params(spec, plan, "eval")["stage.eval.n_samples"] == "3"
+    for bad, msg in (({"n_samples": -1}, "n_samples must be ≥ 1"), ({"tasks": ["hummaneval"]}, "must come from"),
+                     ({"n_samples": "many"}, "eval.n_samples must be int"), ({"samples": 3}, "unknown key")):
+        with pytest.raises(UserError, match=msg):
+            load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "eval"], eval=bad))
+
+
+def test_spec_stays_inside_the_output_root_and_refuses_empty_budgets(tmp_path):
+    for name in ("../../../tmp/escape", "a/b", ".hidden", ""):
+        with pytest.raises(UserError, match="plain folder name"):
+            load_spec(write_spec(tmp_path / "s.yaml", name=name))
+    with pytest.raises(UserError, match="run name '../x' must be a plain folder name"):
+        plan_sweep(load_spec(write_spec(tmp_path / "s.yaml", include=[{"vocab": "bytes", "n": 1, "name": "../x"}])))
+    for target in (0, -5):
+        with pytest.raises(UserError, match="match.target must be > 0"):
+            load_spec(write_spec(tmp_path / "s.yaml", match={"by": "bytes", "target": target}))
+    with pytest.raises(UserError, match="resources.gpus must be ≥ 0"):
+        load_spec(write_spec(tmp_path / "s.yaml", resources={"gpus": -1}))
+    # resources: the spec's, a grid choice's over it, an include's over that
+    spec = load_spec(write_spec(tmp_path / "s.yaml", resources={"gpus": 2, "time": 90},
+                                grid={"vocab": {"bytes": {"n": [1], "resources": {"gpus": 4}}, "bpe": {"n": [1]}}},
+                                include=[{"vocab": "bpe", "n": 2, "resources": {"nodes": 2, "time": {"train": "1-00:00:00"}}}]))
+    res = {p.name: p.resources for p in plan_sweep(spec, [f"data.root={tmp_path}/none"])}
+    assert (res["bytes-n1"].gpus, res["bpe-n1"].gpus, res["bpe-n2"].gpus, res["bpe-n2"].nodes) == (4, 2, 2, 2)
+    assert res["bytes-n1"].time["eval"] == "1:30:00" and res["bpe-n2"].time["train"] == "1-00:00:00"
+    assert res["bpe-n2"].for_stage("eval").gpus == 1 and res["bpe-n2"].for_stage("eval").nodes == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stages", "bench"], "the spec t has the stages train"),
+    (["--devices", "gpu0"], "device 'gpu0' is not cpu or cuda:N"),
+    (["--set", "resources.nodes=2"], "needs a cluster (launcher: slurm)"),
+])
+def test_dry_run_checks_what_a_run_would_refuse(tmp_path, args, message):
+    spec = write_spec(tmp_path / "s.yaml")
+    r = subprocess.run([sys.executable, "-m", "bytelm", "sweep", str(spec), "--dry-run", "--set",
+                        f"data.root={tmp_path}/none", *args], capture_output=True, text=True, cwd=tmp_path)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+@pytest.mark.slow
+def test_two_gpu_config_trains_under_torchrun_and_matches_one_process(smoke_data, tmp_path):
+    """`resources: {gpus: 2}` on the local launcher, on CPU: training runs as two torchrun
+    processes (gloo) and ends at the loss of the one-process run (the same global batch,
+    accumulated). The sweep reports each stage's start and its progress as it goes."""
+    spec = write_spec(tmp_path / "s.yaml", grid={"vocab": ["bytes"], "n": [2], "seed": [0]},
+                      set={**TINY, "train.steps": 6, "train.log_every": 1, "train.micro_batch_size": 2},
+                      resources={"gpus": 2}, include=[{"vocab": "bytes", "n": 2, "seed": 0, "name": "one",
+                                                        "resources": {"gpus": 1}}])
+    r = run_sweep(spec, tmp_path, "unused", "--set", f"data.root={smoke_data}", "--no-mlflow", "--progress-every", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    two, one = tmp_path / "out" / "runs" / "bytes-n2-s0", tmp_path / "out" / "runs" / "one"
+    assert "-m torch.distributed.run --nproc_per_node 2 --standalone" in (two / "logs" / "train.log").read_text()
+    assert "torch.distributed.run" not in (one / "logs" / "train.log").read_text()
+    assert "bytes-n2-s0: train started on cpu, 2 processes (torchrun)" in r.stdout
+    assert "one: train started on cpu (log:" in r.stdout
+    # progress lines, read from metrics.jsonl while training ran
+    assert " of 6, " in r.stdout and "B/s, ETA" in r.stdout and "run(s) with stages left; ETA about" in r.stdout
+
+    def losses(d):
+        return {x["step"]: x["loss"] for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in x}
+
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+
+
+def _processes_with(text: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_one_sweep_per_folder_and_stages_die_with_a_killed_sweep(smoke_data, tmp_path):
+    """A second sweep on a busy folder stops with one line naming the holder; kill -9 of
+    the sweep takes its stage processes down; the lock it held is gone with it."""
+    import signal
+    import socket
+    import time
+
+    from bytelm.sweep.runner import SweepLock
+
+    spec = write_spec(tmp_path / "s.yaml", grid={"vocab": ["bytes"], "n": [1], "seed": [0]},
+                      set={**TINY, "train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000})
+    cmd = [sys.executable, "-m", "bytelm", "sweep", str(spec), "--out", str(tmp_path / "out"), "--no-mlflow",
+           "--set", f"data.root={smoke_data}"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    run_dir = str(tmp_path / "out" / "runs" / "bytes-n1-s0")
+    try:
+        deadline = time.monotonic() + 600
+        while len(_processes_with(run_dir)) < 2:  # the stage's job and its trainer
+            assert time.monotonic() < deadline and first.poll() is None, "the sweep did not start its stage"
+            time.sleep(0.5)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert f"in use by another bytelm sweep (pid {first.pid} on {socket.gethostname()})" in lines[0]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        deadline = time.monotonic() + 300
+        while _processes_with(run_dir):
+            assert time.monotonic() < deadline, f"stage processes outlived the sweep: {_processes_with(run_dir)}"
+            time.sleep(0.5)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    with SweepLock(tmp_path / "out"):  # the dead sweep's lock is not held
+        pass

@@ -14,8 +14,8 @@ GPUS=${GPUS:-0 1}; SLOTS=${SLOTS:-8}
 DEVICES=${DEVICES:-$(for _ in $(seq $SLOTS); do for g in $GPUS; do printf 'cuda:%s,' $g; done; done)}
 DEVICES=${DEVICES%,}
 read -r TASK ROOT < <(python3 -c "
-import sys; from experiments.sweep import load_spec, plan_sweep
-spec = load_spec(sys.argv[1]); print(spec.synth['task'], plan_sweep(spec)[0].data_root)" "$SPEC") || exit 1
+import sys; from bytelm.sweep.spec import load_spec; from bytelm.sweep.plan import plan_sweep
+spec = load_spec(sys.argv[1]); print(spec.synth.task, plan_sweep(spec)[0].data_root)" "$SPEC") || exit 1
 NAME=$(basename "$SPEC" .yaml)
 [ -f $ROOT/manifest.json ] || bytelm synth $TASK --out $ROOT > "$OUT/${TASK}_data.log" 2>&1 || exit 1
 timeout $(left) bytelm sweep "$SPEC" --no-mlflow --stages train $ONLY --devices $DEVICES --set train.steps=$STEPS \

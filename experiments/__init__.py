@@ -1,1 +1,0 @@
-"""Experiment configs (configs/*.yaml), sweep specs (sweeps/*.yaml) and the sweep runner."""
