@@ -10,9 +10,9 @@ from pathlib import Path
 
 from bytelm.errors import UserError
 from bytelm.sweep.plan import RunPlan, plan_sweep
-from bytelm.sweep.progress import human
 from bytelm.sweep.runner import RunResult, SweepLock, SweepRunner
 from bytelm.sweep.spec import SweepSpec, load_spec, run_overrides
+from bytelm.units import PEAK_FLOPS, human
 
 
 def cpu_flops_per_s() -> float:
@@ -35,7 +35,7 @@ def print_plan(spec: SweepSpec, plans: list[RunPlan], devices: list[str], out: P
     if devices == ["cpu"]:
         rate, how = cpu_flops_per_s(), "an fp32 matmul measured here (a lower bound: tiny models run below it)"
     else:
-        rate, how = 0.4 * 989e12, "40% MFU of an H200's 989 TFLOP/s per GPU"
+        rate, how = 0.4 * PEAK_FLOPS["H200"], f"40% MFU of an H200's {human(PEAK_FLOPS['H200'])}FLOP/s per GPU"
     rows = []
     for p in plans:
         secs = p.train_flops / rate / max(p.resources.gpus * p.resources.nodes, 1) if p.train_flops else None

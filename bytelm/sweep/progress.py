@@ -7,17 +7,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bytelm.fileio import read_jsonl
 from bytelm.sweep.launcher import ConfigJobs, StageJob
 from bytelm.sweep.plan import RunPlan
-
-
-def human(x: float | None, unit: str = "") -> str:
-    if x is None:
-        return "?"
-    for div, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}{unit}"
-    return f"{x:.3g}{unit}"
+from bytelm.units import human
 
 
 def duration(s: float | None) -> str:
@@ -29,9 +22,7 @@ def duration(s: float | None) -> str:
 
 def train_progress(run_dir: Path) -> dict | None:
     """The last logged training row: step, bytes/s and wall seconds of training so far."""
-    from bytelm.tracking import read_jsonl
-
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "bytes_per_s" in r]
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl", appending=True) if "bytes_per_s" in r]
     return rows[-1] if rows else None
 
 
