@@ -31,10 +31,14 @@ from tqdm import tqdm
 from bytelm.errors import UserError
 from bytelm.fileio import atomic_path, write_json
 from bytelm.shards import CORPUS_FORMAT, DEFAULT_SHARD_TOKENS, ShardWriter, sha256_file
+from data_prep.outputs import MANIFEST_FORMAT, check_output
 from data_prep.decontaminate import DEFAULT_NGRAM, RULE_VERSION, NgramIndex, load_benchmarks
 from data_prep.sources import PYTHON_GLOBS, Document, Source
 
-MANIFEST_FORMAT = "bytelm-manifest/1"
+# The options that say which documents a corpus is made of: an output folder whose manifest
+# records other values holds a different corpus, which is replaced only when the user says
+# so (--overwrite).
+CORPUS_IDENTITY = ("sources", "globs", "text_field")
 BATCH_BYTES = 32 << 20
 MAX_LISTED_DROPS = 50  # names of contaminated documents listed per benchmark
 
@@ -50,6 +54,7 @@ class CorpusOptions:
     data_dir: str | None = None  # benchmark data (bytelm.paths.data_dir)
     apps: str | None = None
     shard_bytes: int = DEFAULT_SHARD_TOKENS
+    follow_symlinks: bool = False  # follow links in folder sources outside the folder
 
     def check(self) -> None:
         if not 0 < self.val_share < 1:
@@ -134,13 +139,32 @@ def corpus_is_current(out: Path, key: str) -> bool:
         return False
 
 
-def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0) -> dict:
+def check_same_corpus(out: Path, opts: CorpusOptions) -> None:
+    path = out / "manifest.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()).get("options", {}), asdict(opts)
+    differ = [k for k in CORPUS_IDENTITY if k in old and old[k] != new[k]]
+    if differ:
+        raise UserError(
+            f"--out {out} holds a corpus made from other inputs ({', '.join(f'{k} {old[k]!r}' for k in differ)}); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+
+
+def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bool = False) -> dict:
     """Write DIR/corpus/{train,val} and DIR/manifest.json; return the manifest.
 
     Skips the work when DIR/manifest.json already records the same inputs and options.
+    Refuses (UserError) an output folder that overlaps a source or holds what prepare did
+    not make (data_prep/outputs.py), and one holding a corpus of other inputs unless
+    `overwrite`.
     """
     opts.check()
-    sources = [Source(spec, tuple(opts.globs), opts.text_field) for spec in opts.sources]
+    sources = [Source(spec, tuple(opts.globs), opts.text_field, opts.follow_symlinks) for spec in opts.sources]
+    check_output(out, [root for s in sources for _, root in s.roots])
+    if not overwrite:
+        check_same_corpus(out, opts)
     benchmarks = load_benchmarks(opts.data_dir, opts.apps)
     key = corpus_key(opts, sources, benchmarks)
     if corpus_is_current(out, key):

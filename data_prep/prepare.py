@@ -26,7 +26,12 @@ from bytelm.tokenizers import BPETokenizer, ByteTokenizer
 from data_prep.bpe import DEFAULT_TRAIN_BYTES, DEFAULT_VOCAB, BPEOptions, train_bpe
 from data_prep.corpus import CorpusOptions, build_corpus
 from data_prep.decontaminate import DEFAULT_NGRAM
+from data_prep.outputs import remove_stale_temporaries
 from data_prep.sharding import encode_split
+
+# Below this, a shard is mostly file-system overhead (`--shard-tokens 1` would write one
+# file per token); 65,536 tokens is 128 KiB of uint16.
+MIN_SHARD_TOKENS = 1 << 16
 
 # The smoke preset: the first 4 MB (in path order) of the standard library, a 2,048-token
 # BPE (a 32k vocabulary would be mostly unused on 4 MB), 5% validation so that the
@@ -51,6 +56,7 @@ class PrepareOptions:
     tokenizer: str = "both"  # bytes | bpe | both
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     workers: int = 0  # 0: every core
+    overwrite: bool = False  # replace a corpus of other sources in --out
 
 
 def build_options(s: dict) -> PrepareOptions:
@@ -63,7 +69,7 @@ def build_options(s: dict) -> PrepareOptions:
     corpus = CorpusOptions(**{f.name: s[f.name] for f in fields(CorpusOptions) if f.name in s})
     bpe = BPEOptions(**{name: s[flag] for flag, name in (("bpe_vocab", "vocab_size"), ("bpe_train_bytes", "max_bytes")) if flag in s})
     opts = PrepareOptions(out=Path(s["out"]), corpus=corpus, bpe=bpe)
-    for name in ("tokenizer", "shard_tokens", "workers"):
+    for name in ("tokenizer", "shard_tokens", "workers", "overwrite"):
         if name in s:
             setattr(opts, name, s[name])
     corpus.shard_bytes = opts.shard_tokens  # corpus shards are bounded like token shards
@@ -84,12 +90,10 @@ def prepare(opts: PrepareOptions) -> dict:
     swapped in atomically, so earlier complete results stay intact.
     """
     out = opts.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
     if opts.tokenizer not in ("bytes", "bpe", "both"):
         raise UserError(f"--tokenizer must be bytes, bpe or both, got {opts.tokenizer!r}")
-    if opts.shard_tokens < 1:
-        raise UserError(f"--shard-tokens must be >= 1, got {opts.shard_tokens}")
+    if opts.shard_tokens < MIN_SHARD_TOKENS:
+        raise UserError(f"--shard-tokens must be >= {MIN_SHARD_TOKENS}, got {opts.shard_tokens}")
     opts.corpus.check()
     if opts.tokenizer != "bytes":
         opts.bpe.check()
@@ -104,7 +108,7 @@ def prepare(opts: PrepareOptions) -> dict:
 
     try:
         with timed("corpus"):
-            build_corpus(out, opts.corpus, opts.workers)
+            build_corpus(out, opts.corpus, opts.workers, opts.overwrite)
         manifest_sha = sha256_file(out / "manifest.json")
         arms = []
         if opts.tokenizer in ("bytes", "both"):
@@ -123,6 +127,8 @@ def prepare(opts: PrepareOptions) -> dict:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    for tmp in remove_stale_temporaries(out):
+        print(f"removed {tmp}, left by an interrupted run")
     print(tabulate(rows, headers=["arm", "split", "docs", "text bytes", "tokens (incl. EOS)", "bytes/token (excl. EOS)"], floatfmt=".3f"))
     # CPU time of this process and its threads (the BPE's Rust threads count; the corpus
     # stage's worker processes do not).
@@ -146,7 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngram", type=int, help=f"decontamination n-gram length in whitespace tokens (default: {DEFAULT_NGRAM})")
     p.add_argument("--data-dir", help="benchmark data folder (default: $BYTELM_DATA_DIR or ../shared/data)")
     p.add_argument("--apps", metavar="PATH", help="also decontaminate against this APPS .jsonl file")
-    p.add_argument("--shard-tokens", type=int, help=f"tokens (corpus: bytes) per shard (default: {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--shard-tokens", type=int, help=f"tokens (corpus: bytes) per shard, at least {MIN_SHARD_TOKENS} (default: {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a corpus of other sources that --out already holds (never a folder prepare did not make)")
+    p.add_argument("--follow-symlinks", action="store_true", default=None, help="follow links in folder sources wherever they point (default: only links that stay inside the folder)")
     p.add_argument("--workers", type=int, help="worker processes for the corpus stage (default: 0, every core)")
 
 

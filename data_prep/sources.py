@@ -5,7 +5,12 @@ SPEC is one of
   installed packages (sysconfig's `stdlib`, `purelib`, `platlib`);
 - `python-stdlib`: the standard library alone (the smoke preset takes a few MB of it);
 - a folder: its files whose path relative to the folder matches one of the `--glob`
-  patterns (fnmatch, where `*` also matches `/`, so `*.py` takes every .py at any depth);
+  patterns (fnmatch, where `*` also matches `/`, so `*.py` takes every .py at any depth).
+  Only regular files are read (a FIFO, socket or device is skipped and counted: reading
+  a FIFO would block forever). A symbolic link is followed only when its target lies
+  inside the folder, unless `follow_symlinks` is set (`--follow-symlinks`): a link such as
+  `link.py -> /etc/passwd` is skipped and counted, so a shared folder cannot pull files
+  from elsewhere on the machine into a corpus;
 - a `.jsonl` or `.jsonl.gz` file: one JSON object per line, the document in `--text-field`.
 
 Documents come out in a fixed order (sorted paths, file order), so everything downstream
@@ -21,6 +26,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ class Source:
     spec: str
     globs: tuple[str, ...] = PYTHON_GLOBS
     text_field: str = "text"
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         if self.spec in ("python-env", "python-stdlib"):
@@ -71,16 +78,23 @@ class Source:
             d["globs"] = list(self.globs)
         return d
 
-    def files(self) -> Iterator[tuple[str, Path]]:
-        """(document name, path) of every input file, in a fixed order."""
+    def files(self, skipped: dict | None = None) -> Iterator[tuple[str, Path]]:
+        """(document name, path) of every input file, in a fixed order; `skipped` counts
+        the matching entries that are not read (not a regular file, a link leaving the root)."""
         if self.kind == "jsonl":
             yield self.roots[0][1].name, self.roots[0][1]
             return
+        skipped = {} if skipped is None else skipped
         for label, root in self.roots:
             exclude = _NOT_STDLIB if label == "stdlib" else {"__pycache__"}
-            for rel in _walk(root, exclude):
-                if any(fnmatch.fnmatch(rel, g) for g in self.globs):
-                    yield (f"{label}/{rel}" if label else rel), root / rel
+            for rel in _walk(root, exclude, self.follow_symlinks):
+                if not any(fnmatch.fnmatch(rel, g) for g in self.globs):
+                    continue
+                why = _unreadable_reason(root, root / rel, self.follow_symlinks)
+                if why:
+                    skipped[why] = skipped.get(why, 0) + 1
+                    continue
+                yield (f"{label}/{rel}" if label else rel), root / rel
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
@@ -97,7 +111,7 @@ class Source:
         if self.kind == "jsonl":
             yield from self._jsonl(index, stats)
             return
-        for name, path in self.files():
+        for name, path in self.files(stats):
             try:
                 data = path.read_bytes()
             except OSError:
@@ -147,10 +161,35 @@ def _python_roots(stdlib_only: bool) -> list[tuple[str, Path]]:
     return roots
 
 
-def _walk(root: Path, exclude: set[str]) -> Iterator[str]:
-    """Relative POSIX paths of the files under root, sorted, not following folder links."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, exclude: set[str], follow_links: bool = False) -> Iterator[str]:
+    """Relative POSIX paths of the entries under root that are not folders, sorted.
+
+    Folder links are entered only with `follow_links`, and then each real folder once
+    (a link to an ancestor would otherwise loop forever).
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links):
+        if follow_links:
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if d not in exclude)
         rel = Path(dirpath).relative_to(root)
         for f in sorted(filenames):
             yield (rel / f).as_posix()
+
+
+def _unreadable_reason(root: Path, path: Path, follow_links: bool) -> str | None:
+    """Why a matching entry is not read, or None: only regular files are, and a link only
+    when it stays inside the root (or the user allowed links anywhere)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "unreadable"
+    if not stat.S_ISREG(st.st_mode):
+        return "not_regular_file"
+    if not follow_links and not Path(os.path.realpath(path)).is_relative_to(root):
+        return "link_outside_source"
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -141,3 +142,33 @@ def test_empty_corpus_after_filtering(tmp_path):
     src2 = make_folder(tmp_path / "src2", {"one.py": doc(1)})
     with pytest.raises(UserError, match="split is empty"):
         build(tmp_path, [src2], val_share=0.01)
+
+
+def test_symlinks_are_followed_only_inside_the_source(tmp_path):
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("root:x:0:0:the machine's own file\n")
+    src = make_folder(tmp_path / "src", {f"f{i}.py": doc(i) for i in range(12)})
+    (src / "link.py").symlink_to(secret)
+    (src / "inside.py").symlink_to(src / "f3.py")  # inside the root: read (a duplicate here)
+    (src / "sub").mkdir()
+    (src / "sub" / "up").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    out, m = build(tmp_path, [src], val_share=0.3, globs=["*"])
+    assert m["sources"][0]["skipped"] == {"link_outside_source": 1}
+    assert m["dropped"]["duplicate"]["docs"] == 1
+    docs = corpus_docs(out)
+    assert secret.read_bytes() not in docs["train"] + docs["val"]
+    # The user can opt in.
+    out2, m2 = build(tmp_path / "two", [src], val_share=0.3, globs=["*"], follow_symlinks=True)
+    assert "link_outside_source" not in m2["sources"][0]["skipped"]
+    docs2 = corpus_docs(out2)
+    assert (docs2["train"] + docs2["val"]).count(secret.read_bytes()) == 1  # via link.py; sub/up's copy is a duplicate
+
+
+@pytest.mark.timeout(60)
+def test_fifo_and_other_non_regular_files_are_skipped(tmp_path):
+    src = make_folder(tmp_path / "src", {f"f{i}.py": doc(i) for i in range(12)})
+    os.mkfifo(src / "pipe.py")  # reading it would block forever
+    out, m = build(tmp_path, [src], val_share=0.3)
+    assert m["sources"][0]["skipped"] == {"not_regular_file": 1}
+    assert m["counts"]["kept"]["docs"] == 12

@@ -27,14 +27,15 @@ def code_folder(tmp_path):
     src = tmp_path / "src"
     for i in range(60):
         (src / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
-        body = "".join(f"    total += values[{j}] * {i + j}\n" for j in range(i % 7 + 1))
+        # About 400 KB in all: enough for more than one shard of the smallest size allowed.
+        body = "".join(f"    total += values[{j}] * {i + j}\n" for j in range(150 + i % 7))
         (src / f"pkg{i % 3}" / f"mod{i}.py").write_text(f"def compute_{i}(values):\n    total = 0\n{body}    return total\n")
     (src / "pkg0" / "latin1.py").write_bytes(b"# caf\xe9\nname = 'caf\xe9'\n")
     return src
 
 
 def test_prepare_end_to_end_is_deterministic_and_skips_done_work(tmp_path, code_folder):
-    args = ["--source", code_folder, "--bpe-vocab", 300, "--val-share", 0.3, "--shard-tokens", 1000]
+    args = ["--source", code_folder, "--bpe-vocab", 300, "--val-share", 0.3, "--shard-tokens", 65536]
     r = run_prepare(*args, "--out", tmp_path / "a")  # every core: the worker pool path
     assert r.returncode == 0, r.stderr
     a = tmp_path / "a"
@@ -96,6 +97,7 @@ def test_cli_preset_writes_relative_to_cwd(tmp_path):
         (["--source", "{src}", "--data-dir", "/no/data"], "data directory"),
         (["--source", "{src}", "--apps", "/no/apps.jsonl"], "APPS file"),
         (["--out", "{out}"], "--source"),
+        (["--source", "{src}", "--shard-tokens", "1"], "--shard-tokens must be >= 65536"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, code_folder, args, message):
@@ -108,3 +110,78 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, code_folder, args, m
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("bytelm prepare: error:") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def one_line_error(r, message: str) -> None:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("bytelm prepare: error:") and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where", ["corpus", "bytes/train", "manifest.json"])
+def test_prepare_never_replaces_what_it_did_not_make(tmp_path, code_folder, where):
+    out = tmp_path / "u"
+    mine = out / where
+    if where.endswith(".json"):
+        mine.parent.mkdir(parents=True)
+        mine.write_text('{"my": "own file"}')
+    else:
+        mine.mkdir(parents=True)
+        (mine / "notes.txt").write_text("a user's file")
+    before = tree_hashes(out)
+    r = run_prepare("--source", code_folder, "--out", out, "--tokenizer", "bytes", "--val-share", 0.3, "--workers", 1)
+    one_line_error(r, "was not made by `bytelm prepare`")
+    assert tree_hashes(out) == before and sorted(p.name for p in out.iterdir()) == [where.split("/")[0]]
+
+
+def test_prepare_refuses_an_output_that_overlaps_a_source(tmp_path, code_folder):
+    before = tree_hashes(code_folder)
+    for out in (code_folder, code_folder / "pkg0" / "prepared"):
+        one_line_error(run_prepare("--source", code_folder, "--out", out, "--workers", 1), "overlaps the source")
+    # The source inside the output folder: replacing the output could remove the source.
+    one_line_error(run_prepare("--source", code_folder, "--out", tmp_path, "--workers", 1), "overlaps the source")
+    assert tree_hashes(code_folder) == before
+
+
+def test_prepare_refuses_a_folder_holding_another_corpus(tmp_path, code_folder):
+    out = tmp_path / "u"
+    common = ["--out", out, "--tokenizer", "bytes", "--val-share", 0.3, "--workers", 1]
+    assert run_prepare("--source", code_folder, *common).returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(20):
+        (other / f"m{i}.py").write_text(f"def other_{i}():\n    return {i}\n")
+    first = tree_hashes(out)
+    one_line_error(run_prepare("--source", other, *common), "holds a corpus made from other inputs")
+    assert tree_hashes(out) == first
+    r = run_prepare("--source", other, *common, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["options"]["sources"] == [str(other)]
+
+
+def test_stale_temporary_folders_of_a_killed_run_are_removed(tmp_path, code_folder):
+    from bytelm.fileio import atomic_path
+
+    out = tmp_path / "u"
+    common = ["--source", code_folder, "--out", out, "--tokenizer", "bytes", "--val-share", 0.3, "--workers", 1]
+    assert run_prepare(*common).returncode == 0
+    # A run killed inside a stage: the process dies in atomic_path's block, as on kill -9.
+    for target in (out / "corpus", out / "bytes" / "train"):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with atomic_path(target) as tmp:
+                    tmp.mkdir()
+                    (tmp / "half_written.bin").write_bytes(b"x")
+                    os._exit(9)
+            finally:
+                os._exit(1)  # the child never returns into pytest
+        os.waitpid(pid, 0)
+    left = sorted(p.name for p in [*out.glob(".corpus.*"), *(out / "bytes").glob(".train.*")])
+    assert len(left) == 2
+    (out / ".corpus.mine").mkdir()  # not atomic_path's layout: a user's folder, kept
+    (code_folder / "pkg1" / "mod1.py").write_text("def changed():\n    return 'a new body'\n")
+    r = run_prepare(*common)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("left by an interrupted run") == 2
+    assert sorted(p.name for p in out.iterdir()) == [".corpus.mine", "bytes", "corpus", "manifest.json"]
+    assert sorted(p.name for p in (out / "bytes").iterdir()) == ["train", "val"]
