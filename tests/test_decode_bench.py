@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +15,11 @@ from bytelm.decode_bench import explain_mismatch, heads_to_run, select_prompts, 
 from bytelm.errors import UserError
 from bytelm.generate import Decoder
 from bytelm.model import MTPTransformer
+from bytelm.paths import config_path
 from bytelm.tokenizers import ByteTokenizer
 from bytelm.train import train
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "experiments" / "configs" / "smoke.yaml"
+SMOKE = config_path("configs/smoke.yaml")
 # One worker trains the module's checkpoint once (scripts/test.sh runs --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("decode_bench")
 ROW_FIELDS = {"heads_used", "batch_size", "bytes_per_forward", "tokens_per_forward", "speedup", "acceptance_by_depth",

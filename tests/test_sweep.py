@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from bytelm.errors import UserError
+from bytelm.paths import config_path
 from bytelm.sweep.local import device_env, resolve_devices
 from bytelm.sweep.plan import plan_sweep
 from bytelm.sweep.spec import expand_grid, load_spec
 from bytelm.sweep.stages import stage_commands
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke.yaml"
+SMOKE_CONFIG = config_path("configs/smoke.yaml")
 # a model small enough that a trainer subprocess is mostly its start-up
 TINY = {"model.n_layers": 3, "model.d_model": 32, "model.n_heads": 2, "model.context": 64, "train.batch_size": 4,
         "train.steps": 4, "train.warmup_steps": 1, "train.log_every": 2, "train.eval_every": 4, "train.eval_batches": 1,
@@ -286,7 +286,7 @@ def test_the_main_study_spec_plans_its_runs_and_second_seeds(smoke_data):
     """experiments/sweeps/main_h200x2.yaml: nine seed-0 runs matched on bytes, and the
     second seed (its `include`, YAML anchors for each arm's settings) of the four runs
     that decide a finding, selected alone with --only '*-s1'."""
-    spec = load_spec(REPO / "experiments" / "sweeps" / "main_h200x2.yaml")
+    spec = load_spec(config_path("sweeps/main_h200x2.yaml"))
     plans = plan_sweep(spec, [f"data.root={smoke_data}"])
     assert len(plans) == 13 and len({p.train_bytes for p in plans}) == 2  # one per arm (steps round up)
     seconds = plan_sweep(spec, [f"data.root={smoke_data}"], only="*-s1")
