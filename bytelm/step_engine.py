@@ -143,22 +143,74 @@ def head_logits_at(model: MTPTransformer, z: torch.Tensor, spec, cache: CacheVie
 
 
 def parallel_drafts(model: MTPTransformer, z: torch.Tensor, spec, cache: CacheView, at: torch.Tensor,
-                    token: torch.Tensor, k: int, sampling: Sampling, u: torch.Tensor | None):
+                    token: torch.Tensor, k: int, sampling: Sampling, u: torch.Tensor | None,
+                    rows: torch.Tensor, inputs: torch.Tensor, prefill: bool):
     """Drafts from heads that all read the trunk output: heads 2..k at input index `at`
     (b,) give tokens (b, k-1) for the k-1 positions after the committed `token` (b,), and
     their distributions when sampling (see `speculative.draft`)."""
     return draft(head_logits_at(model, z, spec, cache, at, 1, k), sampling, u)
 
 
-# A head type drafts through one of these: (model, z, spec, cache, at, token, k,
-# sampling, u) -> (drafts (b, k-1), q (b, k-1, V) or None). Every head type here reads the
-# trunk output in parallel; a head type whose modules read the token before theirs (one
-# module per drafted token) registers its own.
-DRAFTERS: dict[str, Callable] = {}
+class SequentialDrafter:
+    """Drafts with sequential heads (model.head_type=sequential): module j reads module
+    j-1's state and the token before its own, so the k-1 drafts come one module after
+    another, each from the last accepted position q: module 1 reads the trunk's state at q
+    and the token head 1 just emitted (x_{q+1}), module j the state of module j-1 and
+    module j-1's draft.
+
+    A module's cache entry at position t holds what training computes there only once
+    x_{t+j} is committed, which for t > q+1-j it is not yet: those entries, written with
+    drafts, are computed again by the next step. So each step runs every module over a
+    window of 2k-2 positions that starts k-2 before the step's first position (from 0 near
+    the start), with the trunk states kept in `states` (B, L, d) and the tokens in `seq`
+    (B, L + k): committed through x_{q+1}, drafts after. A prefill runs the modules over
+    the prompt. Rows, inputs and positions come from the step (or prefill) that calls it."""
+
+    def __init__(self, model: MTPTransformer, batch_size: int, max_len: int, k: int, device):
+        self.width = 2 * k - 2
+        self.states = torch.zeros(batch_size, max_len, model.cfg.d_model, dtype=model.tok_emb.weight.dtype, device=device)
+        self.seq = torch.zeros(batch_size, max_len + k, dtype=torch.long, device=device)
+
+    def __call__(self, m: MTPTransformer, z, spec, cache: CacheView, at, token, k, sampling, u, rows, inputs, prefill):
+        r, pos = rows[:, None], spec.positions
+        self.states[r, pos] = z.to(self.states.dtype)
+        self.seq[r, pos] = inputs
+        q = pos.gather(1, at[:, None])  # (b, 1): the last accepted position
+        self.seq[r, q + 1] = token[:, None]
+        if prefill:  # the modules run over the prompt, as the trunk did
+            window, wspec = pos, spec
+        else:
+            start = (pos[:, :1] - (k - 2)).clamp_min(0)
+            window = (start + torch.arange(self.width, device=pos.device)).clamp_max(cache.max_len - 1)
+            wspec = m.attention_spec(self.width, window, cache.max_len, flex=spec.block_mask is not None,
+                                     flex_split_kv=(spec.flex_options or {}).get("SPLIT_KV", 0))
+        h = self.states[r, window]
+        at_q = (q - window[:, :1]).expand(-1, h.shape[-1])[:, None]  # q's index in the window
+        drafts, dists = [], []
+        for j in range(1, k):
+            h = m.head_depth(j, h, self.seq[r, window + j], wspec, cache)
+            logits = m.head_logits(j, h.gather(1, at_q))
+            d, dist = draft(logits, sampling, None if u is None else u[:, j - 1 : j])
+            self.seq[r, q + 1 + j] = d
+            drafts.append(d)
+            dists.append(dist)
+        return torch.cat(drafts, dim=1), None if sampling.greedy else torch.cat(dists, dim=1)
+
+    def move(self, src: int, dst: int) -> None:
+        self.states[dst] = self.states[src]
+        self.seq[dst] = self.seq[src]
 
 
-def drafter_for(model: MTPTransformer) -> Callable:
-    return DRAFTERS.get(model.cfg.head_type, parallel_drafts)
+# A head type drafts through a callable (model, z, spec, cache, at, token, k, sampling, u,
+# rows, inputs, prefill) -> (drafts (b, k-1), q (b, k-1, V) or None): `at` the index of
+# the last accepted input, `token` the token head 1 emitted there, `rows` the cache rows
+# and `inputs` the tokens z was computed from. Heads that read the trunk output in
+# parallel draft with `parallel_drafts`; sequential heads, one module per drafted token,
+# with a SequentialDrafter, which keeps state of its own (the engine's `move` moves it).
+def drafter_for(model: MTPTransformer, batch_size: int, max_len: int, k: int, device) -> Callable:
+    if model.heads.sequential and k > 1:
+        return SequentialDrafter(model, batch_size, max_len, k, device)
+    return parallel_drafts
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -207,7 +259,7 @@ class StepEngine:
             raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
         self.model, self.k, self.B, self.L, self.sampling = model, heads, batch_size, max_len, sampling
         self.attention, self.cache_block, self.flex_split_kv = attention, cache_block, flex_split_kv
-        self.drafter = drafter_for(model)
+        self.drafter = drafter_for(model, batch_size, self.L, heads, p.device)
         self.tree = tree
         if tree is not None:
             tree.check_heads(heads)
@@ -245,6 +297,7 @@ class StepEngine:
             self.pf_u = torch.zeros(batch_size, heads, dtype=prob_dtype, device=self.device)
             self.pf_first = torch.zeros(batch_size, dtype=torch.long, device=self.device)
             self.offsets = torch.arange(heads, device=self.device)
+            self.rows = torch.arange(batch_size, device=self.device)
         self.gen = torch.Generator(self.device)
         self._views: dict[tuple[int, int], CacheView] = {}
         # The compiled step and prefill (None: eager). The eager ones are not stored as
@@ -361,7 +414,8 @@ class StepEngine:
             return
         emitted, n_acc = verify(logits, tokens, None if self.q is None else self.q[:s], self.sampling, u[:, :k])
         last = emitted.gather(1, n_acc[:, None])
-        drafts, q = self.drafter(m, z, spec, cache, n_acc, last[:, 0], k, self.sampling, u[:, k : 2 * k - 1])
+        drafts, q = self.drafter(m, z, spec, cache, n_acc, last[:, 0], k, self.sampling, u[:, k : 2 * k - 1],
+                                 self.rows[:s], tokens, False)
         self.out[:s, :k] = emitted
         self.out[:s, k] = n_acc
         self.tokens[:s] = torch.cat([last, drafts], dim=1)
@@ -481,7 +535,8 @@ class StepEngine:
         if self.tree is not None:
             drafts, q = self._tree_candidates(z, spec, cache, last), None
         else:
-            drafts, q = self.drafter(m, z, spec, cache, last, first, k, self.sampling, None if u is None else u[:, 1:])
+            drafts, q = self.drafter(m, z, spec, cache, last, first, k, self.sampling, None if u is None else u[:, 1:],
+                                     at, self.pf_idx[:r, :T], True)
         self.tokens[at] = torch.cat([first[:, None], drafts], dim=1)
         self.pos[at] = lens
         if self.q is not None:
@@ -498,6 +553,8 @@ class StepEngine:
         for t in (self.tokens, self.pos, self.q):
             if t is not None:
                 t[dst] = t[src]
+        if isinstance(self.drafter, SequentialDrafter):
+            self.drafter.move(src, dst)
         self.pos[src] = 0
 
     @contextmanager

@@ -85,7 +85,7 @@ def test_one_speculative_sampling_step_is_exact():
     assert chi2_pvalue(np.bincount(drafts[:, 0].numpy(), minlength=V), p[0].numpy()) < 1e-6
 
 
-@pytest.mark.parametrize("head_type,k", [("unembed", 3), ("transformer", 3), ("linear", 2)])
+@pytest.mark.parametrize("head_type,k", [("unembed", 3), ("transformer", 3), ("linear", 2), ("sequential", 3)])
 def test_speculative_sampling_keeps_the_model_distribution(head_type, k):
     """The joint distribution of 3 sampled tokens (216 outcomes) equals the model's own,
     computed exactly from no-cache forwards, for plain and speculative sampling."""
