@@ -52,6 +52,20 @@ def test_grid_expands_per_vocabulary_n_lists_and_named_choices():
         expand_grid({"size": ["small"]})
 
 
+def test_mtp_options_are_grid_axes(tmp_path):
+    """head_type and mtp_schedule (train.mtp_schedule.kind) are axes like n; a schedule's
+    choices can carry its other settings."""
+    combos = expand_grid({"head_type": ["unembed", "sequential"],
+                          "mtp_schedule": {"constant": {}, "forward": {"set": {"train.mtp_schedule.share": 0.5}}}})
+    assert [v for v, _ in combos] == [{"head_type": h, "mtp_schedule": s} for h in ("unembed", "sequential")
+                                      for s in ("constant", "forward")]
+    assert combos[1][1] == {"model.head_type": "unembed", "train.mtp_schedule.kind": "forward", "train.mtp_schedule.share": 0.5}
+    grid = {"vocab": ["bytes"], "n": [4], "head_type": "unembed", "mtp_schedule": ["constant", "reverse"], "seed": [0]}
+    plans = plan_sweep(load_spec(write_spec(tmp_path / "s.yaml", grid=grid)), [f"data.root={tmp_path}/none"])
+    assert [p.name for p in plans] == ["bytes-n4-unembed-constant-s0", "bytes-n4-unembed-reverse-s0"]
+    assert "train.mtp_schedule.kind=reverse" in plans[1].overrides
+
+
 def test_spec_names_runs_and_refuses_mistakes(tmp_path):
     plans = plan_sweep(load_spec(write_spec(tmp_path / "s.yaml")), [f"data.root={tmp_path}/none"])
     assert [p.name for p in plans] == ["bytes-n1-unembed-s0", "bytes-n4-unembed-s0",

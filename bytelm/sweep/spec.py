@@ -26,9 +26,10 @@ STAGES = ("train", "synth", "eval", "bench")  # in the order they run
 LAUNCHERS = ("local", "slurm")
 # grid axis -> config key; any other axis is a dotted config key, or a name (like `size`)
 # whose choices are mappings with a `set:` of overrides
-SHORTCUTS = {"vocab": "data.tokenizer", "n": "model.n_future", "head_type": "model.head_type", "seed": "train.seed"}
+SHORTCUTS = {"vocab": "data.tokenizer", "n": "model.n_future", "head_type": "model.head_type",
+             "mtp_schedule": "train.mtp_schedule.kind", "seed": "train.seed"}
 # how each axis appears in a default run name, in this order (others follow, then seed)
-NAME_PARTS = {"size": "{}", "vocab": "{}", "n": "n{}", "head_type": "{}"}
+NAME_PARTS = {"size": "{}", "vocab": "{}", "n": "n{}", "head_type": "{}", "mtp_schedule": "{}"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")  # a folder name that stays inside its parent
 
 
