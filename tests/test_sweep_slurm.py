@@ -163,13 +163,22 @@ def test_cancel_leaves_no_job(smoke_data, slurm_cluster, tmp_path):
     r = sweep(spec, tmp_path / "out", env, "--no-mlflow")
     assert r.returncode == 0, r.stdout + r.stderr
     run_dir = tmp_path / "out" / "runs" / "bytes-n2-unembed-s0"
-    ids = {job_id(run_dir, "train"), job_id(run_dir, "bench")}
-    assert ids <= set(live_jobs(env))
+    train, bench = job_id(run_dir, "train"), job_id(run_dir, "bench")
+    # cancelled while it trains: the job gets SIGTERM and must not requeue itself
+    wait_for("training to log a step", lambda: (run_dir / "metrics.jsonl").is_file())
     r = sweep(spec, tmp_path / "out", env, "--no-mlflow", "--cancel")
     assert r.returncode == 0 and "cancelled 2 Slurm job(s)" in r.stdout, r.stdout + r.stderr
-    wait_for("the cancelled jobs to leave the queue", lambda: not ids & set(live_jobs(env)))
+    wait_for("the train job to end", lambda: all_jobs(env).get(train) == "CANCELLED")
+    assert all_jobs(env).get(bench) == "CANCELLED" and not {train, bench} & set(live_jobs(env))
+    assert "scontrol requeue" not in (run_dir / "logs" / "train.log").read_text()
     r = sweep(spec, tmp_path / "out", env, "--no-mlflow", "--status")
-    assert "failed (" in r.stdout and "running" not in r.stdout and "queued" not in r.stdout
+    assert f"failed ({train})" in r.stdout and f"failed ({bench})" in r.stdout, r.stdout
+
+
+def all_jobs(env: dict) -> dict[str, str]:
+    """Every job squeue still knows, ended ones too, with its state."""
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T"], capture_output=True, text=True, env=env, check=True)
+    return dict(line.split("|") for line in r.stdout.split())
 
 
 def test_bad_input_is_one_line_and_submits_nothing(slurm_cluster, tmp_path):

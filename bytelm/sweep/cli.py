@@ -59,14 +59,18 @@ def print_plan(spec: SweepSpec, plans: list[RunPlan], devices: list[str], out: P
                 print("  " + " ".join(cmd[1:] if cmd[1:3] == ["-m", "torch.distributed.run"] else ["bytelm", *cmd[3:]]))
 
 
-def print_summary(results: list[RunResult], out: Path) -> None:
+def print_summary(results: list[RunResult], out: Path, waited: bool = True) -> None:
     from tabulate import tabulate
 
     stages = list(results[0].stages) if results else []
     rows = [[r.name, *[r.stages[s] for s in stages], r.error or ""] for r in results]
     print(tabulate(rows, headers=["run", *stages, "error"]))
     failed = [r for r in results if r.error]
-    print(f"{len(results) - len(failed)} of {len(results)} runs ok; summary in {out / 'summary.json'}")
+    if waited:
+        print(f"{len(results) - len(failed)} of {len(results)} runs ok; summary in {out / 'summary.json'}")
+    else:
+        n = sum(v == "submitted" for r in results for v in r.stages.values())
+        print(f"{n} job(s) submitted now; {len(failed)} run(s) with a failed stage; summary in {out / 'summary.json'}")
     for r in failed:
         print(f"FAILED {r.name}: {r.error} (log: {out / 'runs' / r.name / 'logs'})")
 
@@ -195,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
             launcher.progress = Progress(plans, configs, parallel=len(set(devices)))
             launcher.progress_every_s = args.progress_every
         results = runner.run(slots)
-    print_summary(results, out)
+    print_summary(results, out, waited=launcher.waits)
     if spec.launcher == "slurm":
         print(f"`bytelm sweep {args.spec} --status` shows their states; `--cancel` cancels them")
     return 1 if any(r.error for r in results) else 0

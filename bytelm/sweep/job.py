@@ -8,7 +8,8 @@ marker (bytelm/sweep/state.py) and keeps the MLflow child run's status right. Ex
 resume; under Slurm the job requeues itself).
 
 Signals: SIGTERM, SIGINT and SIGUSR1 (Slurm's warning before a time limit, see
-`--signal` in the sbatch script) are passed on to the running command as SIGTERM; the
+`--signal` in the sbatch script) are passed on to the running command as SIGTERM (a
+trainer keeps its checkpoints); only after USR1 does a Slurm job requeue itself; the
 command is also told to die with this process (PR_SET_PDEATHSIG), so a stage never
 outlives a killed launcher.
 """
@@ -139,11 +140,14 @@ def run_job(job: dict) -> int:
 
 
 def _stopped(job: dict, run_dir: Path, signalled: list[int]) -> int:
-    """Training (or a stage) stopped before its end, its checkpoint kept. Under Slurm the
-    job puts itself back in the queue, where it resumes; elsewhere the next sweep call
-    resumes it."""
+    """Training (or a stage) stopped before its end, its checkpoint kept. Under Slurm a job
+    that stopped on its own (the trainer's train.time_limit_s) or on USR1 (the warning
+    before the job's time limit) puts itself back in the queue, where it resumes. After
+    SIGTERM it does not: Slurm sends that both to cancel a job (scancel) and to preempt or
+    requeue one, and in the second case Slurm requeues the job itself. Elsewhere the next
+    sweep call resumes it."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id and job.get("requeue"):
+    if job_id and job.get("requeue") and not set(signalled) & {signal.SIGTERM, signal.SIGINT}:
         r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         with open(job["log"], "a") as f:
             f.write(f"\n(stopped{' by signal ' + str(signalled[0]) if signalled else ''}; "

@@ -10,10 +10,12 @@ here states come from squeue (queued, running, and recently ended jobs) and from
 markers each job writes when it ends, which every cluster has.
 
 Preemption and time limits: a training job is submitted with `--requeue` and
-`--signal=B:USR1@<slurm.signal_s>`. On USR1 (its time limit is near) or SIGTERM
-(preemption, `scontrol requeue`) the job passes SIGTERM to the trainer, which keeps its
-checkpoints; the job then requeues itself (`scontrol requeue $SLURM_JOB_ID`) and resumes
-from its latest checkpoint exactly, as it does after a SIGKILL.
+`--signal=B:USR1@<slurm.signal_s>`. On USR1 (its time limit is near) the job passes
+SIGTERM to the trainer, which keeps its checkpoints, and requeues itself (`scontrol
+requeue $SLURM_JOB_ID`). On preemption or `scontrol requeue` Slurm sends SIGTERM and
+requeues the job itself; on scancel it sends SIGTERM and does not, so the job never
+requeues itself after SIGTERM. Either way the requeued job resumes from its latest
+checkpoint exactly, as after a SIGKILL.
 
 Re-submission is idempotent: a finished stage stays finished, a stage whose job is queued
 or running is left alone, and a failed or lost one is submitted again (after a stage
