@@ -40,7 +40,6 @@ RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json), and the metrics
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -50,16 +49,14 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from bytelm.errors import UserError
-from bytelm.fileio import check_output, write_json
+from bytelm.fileio import check_output, iter_jsonl, write_json
 from bytelm.generate import (ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generation, cache_length, cast_for_inference,
                              encode_prompt)
 from bytelm.model import MTPTransformer
+from bytelm.paths import STORIES, STORY_SEPARATOR, data_file
 from bytelm.speculative import Sampling
 from bytelm.tokenizers import Tokenizer
 from bytelm.tree import Tree
-
-STORIES = "stories/tinystories_v2_gpt4_train_first2MiB.txt"
-STORY_SEPARATOR = "<|endoftext|>"
 
 
 def add_arguments(p) -> None:
@@ -141,24 +138,16 @@ def documents(source: str, cfg, data_dir: str | None) -> tuple[str, list[bytes],
             )
         return "code", list(iter_documents(split)), False
     if source == "stories":
-        from bytelm.paths import data_file
-
         text = data_file(STORIES, data_dir).read_bytes()
         return "stories", [d.strip() for d in text.split(STORY_SEPARATOR.encode())], False
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--prompts {source!r} is neither code, stories nor an existing JSONL file")
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not valid JSON (one prompt per line: a string or {{\"prompt\": ...}})") from None
+    for n, item in iter_jsonl(path):
         prompt = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(prompt, str) or not prompt:
-            raise UserError(f"{path}:{n} holds no prompt (a non-empty string, or an object with a \"prompt\" string)")
+            raise UserError(f"{path} line {n} holds no prompt (a non-empty string, or an object with a \"prompt\" string)")
         docs.append(prompt.encode("utf-8"))
     return path.stem, docs, True
 

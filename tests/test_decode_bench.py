@@ -245,3 +245,17 @@ def test_tree_fit_is_reproducible_and_trees_decode_like_plain_greedy(run_dir, tm
     assert p.returncode != 0 and "fitted to other weights" in p.stderr and "Traceback" not in p.stderr
     p = bench(run_dir, "--heads", "1,4", "--batch-sizes", "1", "--tree", "16", "--json", str(tmp_path / "y.json"))
     assert p.returncode != 0 and "tree-fit --nodes 16" in p.stderr
+
+
+def test_a_prompt_file_is_read_line_by_line_with_clear_errors(tmp_path):
+    from bytelm.decode_bench import documents
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('"def f():"\n\n{"prompt": "x = 1"}\n')
+    assert documents(str(f), None, None) == ("prompts", [b"def f():", b"x = 1"], True)
+    f.write_text('"a"\n{"prompt": ""}\n')
+    with pytest.raises(UserError, match="line 2 holds no prompt"):
+        documents(str(f), None, None)
+    f.write_text('"a"\n{"prompt": \n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        documents(str(f), None, None)
