@@ -127,7 +127,7 @@ def test_prompts_longer_than_the_context(tmp_path, monkeypatch, capsys):
     s = summary["tasks"]["humaneval"]
     assert code == 0 and summary["truncate_prompts"] and s["prompts_truncated"] == 2 and s["samples_generated"] == 4
     assert "2 of 2 prompts were longer than the context (64 tokens) and were cut to their last tokens" in err
-    results = [json.loads(line) for line in (tmp_path / "passk1.results.jsonl").read_text().splitlines()]
+    results = read_jsonl(tmp_path / "passk1.results.jsonl")
     assert len(results) == 4 and all(r["prompt_truncated"] and r["reason"] != "prompt longer than the model's context (64)"
                                      for r in results)
     assert summary["metrics"]["eval/humaneval/problems_in_task"] == 164

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from bytelm.errors import UserError
+from bytelm.fileio import read_jsonl
 from bytelm.paths import config_path
 from bytelm.sweep.local import device_env, resolve_devices
 from bytelm.sweep.plan import plan_sweep
@@ -395,7 +396,7 @@ def test_two_gpu_config_trains_under_torchrun_and_matches_one_process(smoke_data
     assert " of 6, " in r.stdout and "B/s, ETA" in r.stdout and "run(s) with stages left; ETA about" in r.stdout
 
     def losses(d):
-        return {x["step"]: x["loss"] for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in x}
+        return {x["step"]: x["loss"] for x in read_jsonl(d / "metrics.jsonl") if "loss" in x}
 
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))

@@ -37,7 +37,7 @@ def test_loss_falls_on_real_shards(smoke_data, tmp_path, tokenizer, head_type, n
     cfg = cfg_for(smoke_data, f"data.tokenizer={tokenizer}", f"model.head_type={head_type}", f"model.n_future={n}",
                   "train.steps=40", "train.log_every=5", "train.eval_every=40")
     train(cfg, tmp_path / "run")
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
     for i in range(1, n + 1):  # every head learns
