@@ -145,7 +145,8 @@ def test_cpu_sweep_in_mlflow_with_a_failing_run_and_a_rerun(smoke_data, tmp_path
                   "set": {"model.vocab_size": 100}}],  # smaller than the byte vocabulary: the trainer refuses
         stages=["train", "eval", "bench"],
         # every stage for real, at the smallest size that still runs it
-        eval={"tasks": ["humaneval"], "n_samples": 1, "temperatures": [0.8], "args": ["--max-problems", "1"]},
+        eval={"tasks": ["humaneval"], "n_samples": 1, "temperatures": [0.8],
+                       "args": ["--max-problems", "1", "--truncate-prompts"]},
         bench={"heads": [1, 2, 4], "batch_sizes": [1], "max_new": 4, "args": ["--n-prompts", "1"]},
     )
     r = run_sweep(spec, tmp_path, uri, "--set", f"data.root={smoke_data}")
@@ -367,6 +368,8 @@ def test_spec_stays_inside_the_output_root_and_refuses_empty_budgets(tmp_path):
     (["--stages", "bench"], "the spec t has the stages train"),
     (["--devices", "gpu0"], "device 'gpu0' is not cpu or cuda:N"),
     (["--set", "resources.nodes=2"], "needs a cluster (launcher: slurm)"),
+    (["--devices", "cuda:0,cuda:0", "--set", "resources.gpus=2"], "this host's devices are cuda:0 (1 GPU(s))"),
+    (["--set", "launcher=pbs"], "launcher must be one of local, slurm"),
 ])
 def test_dry_run_checks_what_a_run_would_refuse(tmp_path, args, message):
     spec = write_spec(tmp_path / "s.yaml")
@@ -452,3 +455,36 @@ def test_one_sweep_per_folder_and_stages_die_with_a_killed_sweep(smoke_data, tmp
             first.kill()
     with SweepLock(tmp_path / "out"):  # the dead sweep's lock is not held
         pass
+
+
+def test_slurm_scripts_and_multi_node_training_commands(tmp_path):
+    """What the slurm launcher would submit (no cluster needed): the slurm: block's lines,
+    per-stage resources, requeue and the time-limit signal on training, and on 2 nodes an
+    srun of one torchrun per node meeting at the first node."""
+    from bytelm.sweep.runner import SweepRunner
+    from bytelm.sweep.slurm import SlurmLauncher
+
+    spec = load_spec(write_spec(
+        tmp_path / "s.yaml", stages=["train", "eval"], launcher="slurm", grid={"vocab": ["bytes"], "n": [1]},
+        resources={"gpus": 4, "nodes": 2, "cpus": 16, "mem": "64G", "time": {"train": "2:00:00", "eval": 30}},
+        slurm={"partition": "gpu", "account": "lab", "qos": "high", "constraint": "h100", "sbatch": ["--exclusive"],
+               "setup": "module load cuda"}), ["--set", "slurm.qos=low"])
+    (plan,) = plan_sweep(spec, [f"data.root={tmp_path}/none"])
+    launcher = SlurmLauncher(spec.slurm, spec.name)
+    runner = SweepRunner(spec, [plan], tmp_path / "out", launcher, use_mlflow=False, uri=None)
+    config = runner.config_jobs(plan, 1, write=False)
+    train, ev = config.stages
+    script = launcher.script(config, train)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gres=gpu:4", "#SBATCH --cpus-per-task=16", "#SBATCH --mem=64G",
+                 "#SBATCH --time=2:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=low",
+                 "#SBATCH --constraint=h100", "#SBATCH --exclusive", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
+                 "module load cuda", "export BYTELM_RDZV_HOST=", f"exec {sys.executable} -m bytelm.sweep.job"):
+        assert line in script, line
+    (cmd,) = train.commands
+    assert cmd[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[4:12] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "2",
+                         "--rdzv_backend"]
+    assert "${BYTELM_RDZV_HOST}:29500" in cmd and cmd[cmd.index("-m", 6):][:3] == ["-m", "bytelm", "train"]
+    script = launcher.script(config, ev)  # evaluation: one GPU on one node, no requeue
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH --time=0:30:00" in script
+    assert "--requeue" not in script and ev.commands[0][1:4] == ["-m", "bytelm", "eval"]

@@ -81,7 +81,8 @@ def table(report_dir: Path) -> pd.DataFrame:
 
 def test_train_eval_bench_as_dependent_jobs_and_the_same_report_as_local(smoke_data, slurm_cluster, tmp_path):
     stages = {"stages": ["train", "eval", "bench"],
-              "eval": {"tasks": ["humaneval"], "n_samples": 1, "temperatures": [0.8], "args": ["--max-problems", "1"]},
+              "eval": {"tasks": ["humaneval"], "n_samples": 1, "temperatures": [0.8],
+                       "args": ["--max-problems", "1", "--truncate-prompts"]},
               "bench": {"heads": [1, 2], "batch_sizes": [1], "max_new": 4, "args": ["--n-prompts", "1"]}}
     env = slurm_env(slurm_cluster, tmp_path)
     spec = write_spec(tmp_path / "s.yaml", smoke_data, **stages)
@@ -92,7 +93,12 @@ def test_train_eval_bench_as_dependent_jobs_and_the_same_report_as_local(smoke_d
     records = {s: json.loads((run_dir / "stages" / f"{s}.slurm.json").read_text()) for s in ids}
     assert records["train"]["after"] is None and records["eval"]["after"] == ids["train"]
     assert records["bench"]["after"] == ids["eval"]
-    wait_for("the three jobs to finish", lambda: all(marker(run_dir, s).get("status") == "finished" for s in ids))
+    def finished():
+        states = {s: marker(run_dir, s).get("status") for s in ids}
+        assert "failed" not in states.values(), {s: marker(run_dir, s) for s in ids}
+        return all(v == "finished" for v in states.values())
+
+    wait_for("the three jobs to finish", finished)
     assert all(marker(run_dir, s)["device"] == f"slurm job {ids[s]}" for s in ids)
     assert (run_dir / "logs" / f"train.slurm-{ids['train']}.out").is_file()
     wait_for("the jobs to leave the queue", lambda: not set(ids.values()) & set(live_jobs(env)))
@@ -173,6 +179,15 @@ def test_cancel_leaves_no_job(smoke_data, slurm_cluster, tmp_path):
     assert "scontrol requeue" not in (run_dir / "logs" / "train.log").read_text()
     r = sweep(spec, tmp_path / "out", env, "--no-mlflow", "--status")
     assert f"failed ({train})" in r.stdout and f"failed ({bench})" in r.stdout, r.stdout
+    # submitted again: the failed (cancelled) stages go back in the queue, chained as before
+    r = sweep(spec, tmp_path / "out", env, "--no-mlflow")
+    assert r.returncode == 0 and "2 job(s) submitted now" in r.stdout, r.stdout + r.stderr
+    assert f"train submitted as Slurm job {job_id(run_dir, 'train')} (was failed, job {train})" in r.stdout
+    again = {job_id(run_dir, "train"), job_id(run_dir, "bench")}
+    assert not again & {train, bench} and again <= set(live_jobs(env))
+    r = sweep(spec, tmp_path / "out", env, "--no-mlflow", "--cancel")
+    assert r.returncode == 0 and "cancelled 2 Slurm job(s)" in r.stdout, r.stdout + r.stderr
+    wait_for("no job left", lambda: not again & set(live_jobs(env)))
 
 
 def all_jobs(env: dict) -> dict[str, str]:

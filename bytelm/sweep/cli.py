@@ -193,6 +193,8 @@ def main(args: argparse.Namespace) -> int:
         print_plan(spec, plans, devices, out, use_mlflow, uri, runner)
         return 0
     slots = min(len(devices), len(plans))
+    where = f"devices {', '.join(devices)}" if spec.launcher == "local" else "Slurm"
+    _log(f"sweep {spec.name}: {len(plans)} run(s), stages {', '.join(stages or spec.stages)}, on {where}; output {out}")
     with SweepLock(out):
         if spec.launcher == "local":
             configs = [runner.config_jobs(p, slots, write=False) for p in plans]
