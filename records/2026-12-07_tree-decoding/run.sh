@@ -10,7 +10,7 @@ RUN=runs/tree100m
 T0=$(date +%s); left() { echo $(( ${BUDGET:-380} - ($(date +%s) - T0) )); }
 mark() { echo "$1 exit $2 at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/timeline.txt"; }
 BENCH=(--prompts code --cuda-graphs --heads 1,8 --tree 16,32,64 --prompt-len 512 --max-new 256 --cache-block 2048)
-[ -f data/python-env/bytes/val/meta.json ] || timeout 200 bytelm prepare --source python-env --out data/python-env \
+[ -f data/python-env/bytes/val/meta.json ] || timeout 120 bytelm prepare --source python-env --out data/python-env \
   --tokenizer bytes --max-bytes 100000000 > "$OUT/prepare.log" 2>&1
 mark prepare $?
 timeout $(( $(left) - 160 )) bytelm train --config experiments/configs/bytes_100m.yaml --run-dir $RUN \
