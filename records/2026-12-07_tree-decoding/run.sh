@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
 # Chain against trees of 16, 32 and 64 nodes on a ~100M byte n = 8 model, on one GPU, in one
-# call of under 10 minutes: prepare the python-env corpus (byte arm only), train for what the
-# budget leaves, tree-fit, then decode-bench at batch 1 and at batch 16 with a 240-prompt queue.
-#   BUDGET=380 bash scripts/gpu_machine.sh -- bash records/2026-12-07_tree-decoding/run.sh
-# From the repository root; results in $OUT.
+# call: prepare the python-env corpus (byte arm only), train for what the budget leaves,
+# tree-fit, then decode-bench at batch 1 and at batch 16 with a queue of prompts.
+#   BUDGET=380 B16_PROMPTS=240 MAX_NEW=256 bash scripts/gpu_machine.sh -- bash records/2026-12-07_tree-decoding/run.sh
+# From the repository root; results in $OUT. BUDGET: seconds for the whole script; the
+# benchmarks get TAIL of them (default 190), training the rest after the corpus.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RUN=runs/tree100m
 T0=$(date +%s); left() { echo $(( ${BUDGET:-380} - ($(date +%s) - T0) )); }
 mark() { echo "$1 exit $2 at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/timeline.txt"; }
-BENCH=(--prompts code --cuda-graphs --heads 1,8 --tree 16,32,64 --prompt-len 512 --max-new 256 --cache-block 2048)
+TAIL=${TAIL:-190}
+BENCH=(--prompts code --cuda-graphs --heads 1,8 --tree 16,32,64 --prompt-len 512 --max-new ${MAX_NEW:-256} --cache-block 2048)
 [ -f data/python-env/bytes/val/meta.json ] || timeout 120 bytelm prepare --source python-env --out data/python-env \
   --tokenizer bytes --max-bytes 100000000 > "$OUT/prepare.log" 2>&1
 mark prepare $?
-timeout $(( $(left) - 160 )) bytelm train --config experiments/configs/bytes_100m.yaml --run-dir $RUN \
-  --set train.time_limit_s=$(( $(left) - 190 )) --set train.checkpoint_every=100000 --set tracking.mlflow=false \
+timeout $(( $(left) - TAIL + 30 )) bytelm train --config experiments/configs/bytes_100m.yaml --run-dir $RUN \
+  --set train.time_limit_s=$(( $(left) - TAIL )) --set train.checkpoint_every=100000 --set tracking.mlflow=false \
   > "$OUT/train.log" 2>&1
 mark train $?
-timeout 35 bytelm tree-fit --checkpoint $RUN --nodes 64 --n-prompts 48 --max-new 256 > "$OUT/tree_fit.log" 2>&1
+timeout 30 bytelm tree-fit --checkpoint $RUN --nodes 64 --n-prompts 32 --max-new 256 > "$OUT/tree_fit.log" 2>&1
 mark tree-fit $?
 cp $RUN/checkpoints/*/trees.json "$OUT/trees.json" 2>/dev/null
-timeout 50 bytelm decode-bench --checkpoint $RUN "${BENCH[@]}" --batch-sizes 1 --n-prompts 8 \
+timeout 40 bytelm decode-bench --checkpoint $RUN "${BENCH[@]}" --batch-sizes 1 --n-prompts ${B1_PROMPTS:-8} \
   --json "$OUT/decode_tree_b1.json" > "$OUT/bench_b1.log" 2>&1
 mark "bench b1" $?
-timeout $(( $(left) - 5 )) bytelm decode-bench --checkpoint $RUN "${BENCH[@]}" --batch-sizes 16 --n-prompts 240 \
-  --json "$OUT/decode_tree_b16.json" > "$OUT/bench_b16.log" 2>&1
+timeout $(( $(left) - 3 )) bytelm decode-bench --checkpoint $RUN "${BENCH[@]}" --batch-sizes 16 \
+  --n-prompts ${B16_PROMPTS:-240} --json "$OUT/decode_tree_b16.json" > "$OUT/bench_b16.log" 2>&1
 mark "bench b16" $?
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
