@@ -97,8 +97,9 @@ def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
     if spec.empty:
         return "", ""
     spec = spec.merge(runs[["run_id", "vocab", "n"]], on="run_id")
-    wide = spec.pivot_table(index=["vocab", "n", "decoder", "nodes", "prompts", "batch"], columns="what",
-                            values="value", aggfunc="mean")
+    index = ["vocab", "n", "decoder", "nodes", "prompts", "batch"]
+    wide = spec.pivot_table(index=index, columns="what", values="value", aggfunc="mean")
+    wide["flagged"] = spec.groupby(index)["flagged"].any()
     keys = wide.index.to_frame(index=False)
     settings = sorted(set(zip(keys["prompts"], keys["batch"])), key=lambda pb: (pb[0] != "code", pb[0], pb[1]))
     configs = keys[["vocab", "n", "decoder", "nodes"]].drop_duplicates().sort_values(
@@ -111,15 +112,21 @@ def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
         rows.append([VOCAB_TITLES.get(vocab, vocab), int(n), f"{int(nodes)} heads" if decoder == "chain" else "tree",
                      int(nodes), *cells, f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "–"])
     headers = ["vocab", "n", "decoder", "nodes", *(f"{p}, batch {b}" for p, b in settings), "paper (code, batch 16)"]
+    if wide["flagged"].any():
+        desc_flag = (" A cell marked ⚠ holds a timing decode-bench flagged (its repeats disagree, the machine was "
+                     "busy, or the speedup exceeds tokens per forward: the run's bench JSON says which): it is not a "
+                     "result, and the plots and the table's speedup column leave it out")
+    else:
+        desc_flag = ""
     desc = ("speedup / tokens per forward (in brackets, bytes per forward where a token is not a byte), then the "
             "efficiency (speedup ÷ tokens per forward) and the step cost (a step's time over a plain step's) where "
             "measured; mean over seeds, for each prompt set and batch size benchmarked; nodes: the positions a "
-            "step verifies per row (a chain of k heads: k)")
-    return tabulate(rows, headers=headers, tablefmt="github"), desc
+            "step verifies per row (a chain of k heads: k)." + desc_flag)
+    return tabulate(rows, headers=headers, tablefmt="github"), desc.rstrip(".")
 
 
 def _s3_cell(r: pd.Series, vocab: str) -> str:
-    cell = f"{r.get('speedup', np.nan):.2f} / {r.get('tokens_per_forward', np.nan):.2f}"
+    cell = ("⚠ " if r.get("flagged", False) else "") + f"{r.get('speedup', np.nan):.2f} / {r.get('tokens_per_forward', np.nan):.2f}"
     if vocab != "bytes":
         cell += f" [{r.get('bytes_per_forward', np.nan):.2f}]"
     if pd.notna(r.get("efficiency", np.nan)):

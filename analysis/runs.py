@@ -187,7 +187,19 @@ def spec_metrics(runs: pd.DataFrame) -> pd.DataFrame:
                 rows.append({"run_id": run_id, "prompts": m["prompts"], "batch": int(m["batch"]),
                              "decoder": "chain" if chain else "tree", "heads": int(m["heads"]) if chain else 0,
                              "nodes": int(m["heads"] if chain else m["nodes"]), "what": m["what"], "value": float(v)})
-    return pd.DataFrame(rows, columns=["run_id", "prompts", "batch", "decoder", "heads", "nodes", "what", "value"])
+    df = pd.DataFrame(rows, columns=["run_id", "prompts", "batch", "decoder", "heads", "nodes", "what", "value"])
+    # a bench row decode-bench flagged (repeats that disagree, a busy machine, a speedup
+    # above tokens per forward): every metric of it carries the flag
+    key = ["run_id", "prompts", "batch", "decoder", "nodes"]
+    bad = df[(df["what"] == "flagged") & (df["value"] > 0)][key].drop_duplicates()
+    df["flagged"] = df[key].merge(bad.assign(_bad=True), on=key, how="left")["_bad"].fillna(False).astype(bool).values
+    return df[df["what"] != "flagged"].reset_index(drop=True)
+
+
+def spec_results(runs: pd.DataFrame) -> pd.DataFrame:
+    """`spec_metrics` without the flagged bench rows: the timings that are results."""
+    spec = spec_metrics(runs)
+    return spec[~spec["flagged"]].reset_index(drop=True)
 
 
 def pass_metrics(runs: pd.DataFrame) -> pd.DataFrame:

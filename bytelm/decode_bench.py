@@ -39,8 +39,11 @@ RUN_DIR/bench/decode_<prompts>_<device>_<dtype>.json), and the metrics
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +63,8 @@ from bytelm.tree import Tree
 
 
 def add_arguments(p) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = LEGEND
     p.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint folder")
     p.add_argument("--prompts", default="code", help="code (held-out validation documents), stories, or a JSONL FILE")
     p.add_argument("--heads", help="heads used, comma-separated (default: 1, 2, 4, ... up to the model's n, and n)")
@@ -196,7 +201,17 @@ def explain_mismatch(model: MTPTransformer, prompt: list[int], plain: list[int],
     return out
 
 
-def timed_runs(decoder: Decoder, prompts: list[list[int]], max_new: int, tokenizer: Tokenizer, repeats: int) -> Generation:
+@dataclass
+class Timed:
+    """The median run of a configuration, every repeat's wall time, and the machine's
+    1-minute load average when the repeats ended."""
+
+    gen: Generation
+    walls: list[float]
+    load_avg: float
+
+
+def timed_runs(decoder: Decoder, prompts: list[list[int]], max_new: int, tokenizer: Tokenizer, repeats: int) -> Timed:
     """The run of median wall time (the lower middle of an even number) of `repeats` runs
     after a warm-up run of the same work: a row's wall time and its step, prefill and host
     times all come from that one run (the statistics of another run beside the median's
@@ -208,11 +223,40 @@ def timed_runs(decoder: Decoder, prompts: list[list[int]], max_new: int, tokeniz
     with --compile, each one a compilation of many seconds."""
     decoder.run(prompts, max_new, tokenizer=tokenizer)
     gens = sorted((decoder.run(prompts, max_new, tokenizer=tokenizer) for _ in range(repeats)), key=lambda g: g.stats.wall_s)
-    return gens[(repeats - 1) // 2]
+    # every repeat's wall time, and the machine's load: what a reader needs to judge the timing
+    return Timed(gens[(repeats - 1) // 2], [g.stats.wall_s for g in gens], os.getloadavg()[0])
 
 
-def bench_row(k: int, batch: int, gen: Generation, base: Generation, model: MTPTransformer,
+# A row's timing is not a result when its repeats (or its baseline's) differ by more than
+# this share of the median, or when the machine's load exceeded its cores while it ran
+# (the demo's bytes n = 8 bench once gave 0.07x on a busy machine, and 1.25x on a rerun).
+MAX_SPREAD = 0.10
+# A speedup above tokens per forward means a verify step cost less than a plain step:
+# beyond timing noise, impossible. The margin allows for the noise.
+IMPOSSIBLE_MARGIN = 1.10
+
+
+def spread(walls: list[float]) -> float:
+    """(max - min) / median of the repeats' wall times; 0 for one repeat."""
+    return (max(walls) - min(walls)) / sorted(walls)[(len(walls) - 1) // 2] if len(walls) > 1 else 0.0
+
+
+def row_flags(row: dict, cores: int) -> list[str]:
+    """Why a row's speedup should not be read as a result (empty: none known)."""
+    flags = []
+    worst = max(row["wall_spread"], row["baseline_wall_spread"])
+    if worst > MAX_SPREAD:
+        flags.append(f"repeats disagree: wall times spread {100 * worst:.0f}% (over {100 * MAX_SPREAD:.0f}%)")
+    if max(row["load_avg"], row["baseline_load_avg"]) > cores:
+        flags.append(f"busy machine: load average {max(row['load_avg'], row['baseline_load_avg']):.1f} on {cores} cores")
+    if row["speedup"] > IMPOSSIBLE_MARGIN * row["tokens_per_forward"]:
+        flags.append(f"impossible: speedup {row['speedup']:.2f} above {row['tokens_per_forward']:.2f} tokens per forward")
+    return flags
+
+
+def bench_row(k: int, batch: int, timed: Timed, base_timed: Timed, model: MTPTransformer,
               prompts: list[list[int]], baseline: str) -> dict:
+    gen, base = timed.gen, base_timed.gen
     s, b = gen.stats, base.stats
     wall, base_wall = s.wall_s, b.wall_s
     mismatched = [i for i in range(len(prompts)) if gen.tokens[i] != base.tokens[i] or gen.finish[i] != base.finish[i]]
@@ -252,6 +296,11 @@ def bench_row(k: int, batch: int, gen: Generation, base: Generation, model: MTPT
         "baseline_wall_s": base_wall,
         "baseline_tokens_per_s": b.tokens / base_wall,
         "baseline_bytes_per_s": b.bytes / base_wall,
+        "repeat_wall_s": timed.walls,
+        "wall_spread": spread(timed.walls),
+        "baseline_wall_spread": spread(base_timed.walls),
+        "load_avg": timed.load_avg,
+        "baseline_load_avg": base_timed.load_avg,
     }
 
 
@@ -295,7 +344,7 @@ def run_benchmark(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     for batch in batch_sizes:
-        best = min(attention, key=lambda a: runs[batch, 1, None, a].stats.wall_s)
+        best = min(attention, key=lambda a: runs[batch, 1, None, a].gen.stats.wall_s)
         base = runs[batch, 1, None, best]
         baseline = (f"plain greedy decoding (heads_used=1), same prompts, batch size {batch}, "
                     f"{max_len}-position cache, {kernels}, attention {best} (the fastest plain decoder of "
@@ -303,6 +352,7 @@ def run_benchmark(
         for k, tree in decoders:
             for att in attention:
                 row = bench_row(k, batch, runs[batch, k, tree, att], base, model, prompts, baseline)
+                row["flags"] = row_flags(row, os.cpu_count() or 1)
                 rows.append({"attention": att, "decoder": "chain" if tree is None else "tree",
                              "nodes": k if tree is None else tree.nodes,
                              "tree": None if tree is None else tree.to_json(), **row})
@@ -344,13 +394,57 @@ def metrics_of(rows: list[dict], name: str) -> dict[str, float]:
             p + "tokens_per_forward": r["tokens_per_forward"], p + "bytes_per_s": r["bytes_per_s"],
             p + "tokens_per_s": r["tokens_per_s"], p + "mismatched": r["mismatched_sequences"],
             p + "efficiency": r["efficiency"], p + "step_cost": r["step_cost_vs_plain"],
+            p + "wall_spread": max(r["wall_spread"], r["baseline_wall_spread"]), p + "flagged": float(bool(r["flags"])),
         })
     return out
+
+
+def summary_metrics(rows: list[dict], name: str) -> dict[str, float]:
+    """A run's headline speedups: per batch size, the best chain speedup among rows not
+    flagged (`summary/speedup_b<B>`, `_<prompts>` added for prompts other than code)."""
+    out = {}
+    for batch in sorted({r["batch_size"] for r in rows}):
+        good = [r["speedup"] for r in rows if r["batch_size"] == batch and r["decoder"] == "chain" and r["heads_used"] > 1
+                and not r["flags"]]
+        if good:
+            out[f"summary/speedup_b{batch}" + ("" if name == "code" else f"_{name}")] = max(good)
+    return out
+
+
+def speedup_curves(rows: list[dict], name: str) -> list[dict]:
+    """`speedup/<prompts>/b<B>` logged once per heads used with step = heads, so that
+    MLflow draws speedup against heads as a curve (the fastest attention kernel's row)."""
+    best: dict[tuple[int, int], float] = {}
+    for r in rows:
+        if r["decoder"] == "chain":
+            key = (r["batch_size"], r["heads_used"])
+            best[key] = max(best.get(key, 0.0), r["speedup"])
+    return [{"step": k, f"speedup/{name}/b{b}": v} for (b, k), v in sorted(best.items(), key=lambda x: (x[0][1], x[0][0]))]
 
 
 def mismatch_cell(r: dict) -> str:
     cell = f"{r['mismatched_sequences']}/{r['sequences']}"
     return cell + (f", gap <= {r['largest_mismatch_gap']:.3f}" if r["largest_mismatch_gap"] is not None else "")
+
+
+LEGEND = """\
+columns:
+  heads      heads used: 1 is plain greedy decoding (the baseline); k > 1 drafts k-1 tokens per step with heads 2..k
+  nodes      the draft positions a step verifies: k for a chain of heads, N for a tree of N candidates
+  speedup    the baseline's wall time / this row's, same prompts, batch size and cache (>1: faster)
+  tok/fwd    tokens each sequence gains per forward (prefill and steps); bytes/fwd the same in UTF-8 bytes
+  efficiency speedup / tok/fwd: 1.0 if a verify step cost no more than a plain step
+  step cost  time of a step / time of a plain decoding step
+  occupancy  mean share of the batch's slots doing live work in a step (rows finish at different times)
+  P(drafts 1..j accepted)
+             per step, the share in which drafts 1..j were all accepted, j = 1..k-1; tok/fwd is about 1 + their
+             sum. Equal values at every j mean that whenever draft 1 was accepted all were (a barely trained
+             model that repeats one byte does this: its heads agree)
+  tok/s, bytes/s  throughput of this row
+  mismatched sequences whose completion differs from plain greedy decoding (gap: head 1's widest top-2 logit
+             gap at a first difference; near the dtype's rounding means a tie)
+  flags      why a row's timing is not a result: repeats (or the baseline's) spread more than 10%, a load average
+             above the machine's cores, or a speedup above tok/fwd (a verify step cheaper than a plain one)"""
 
 
 def table(rows: list[dict]) -> str:
@@ -360,11 +454,12 @@ def table(rows: list[dict]) -> str:
              f"{r['bytes_per_forward']:.2f}", f"{r['efficiency']:.2f}", f"{r['step_cost_vs_plain']:.2f}",
              f"{r['occupancy']:.2f}",
              " ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-",
-             f"{r['tokens_per_s']:.0f}", f"{r['bytes_per_s']:.0f}", mismatch_cell(r)]
+             f"{r['tokens_per_s']:.0f}", f"{r['bytes_per_s']:.0f}", mismatch_cell(r),
+             "; ".join(r["flags"]) or "-"]
             for r in rows
         ],
         headers=["heads", "nodes", "batch", "attention", "speedup", "tok/fwd", "bytes/fwd", "efficiency", "step cost", "occupancy",
-                 "P(drafts 1..j accepted)", "tok/s", "bytes/s", "mismatched"],
+                 "P(drafts 1..j accepted)", "tok/s", "bytes/s", "mismatched", "flags"],
     )
 
 
@@ -423,11 +518,17 @@ def main(args) -> int:
 
     specs = [t.strip() for t in args.tree.split(",") if t.strip()]
     trees = [tree_from_spec(t, resolve_checkpoint(args.checkpoint), max(heads)) for t in specs]
+    load_before = os.getloadavg()[0]
     rows = run_benchmark(model, tokenizer, prompts, heads=heads, batch_sizes=batch_sizes, max_new=max_new,
                          cuda_graphs=args.cuda_graphs, compile=args.compile, attention=attention,
                          repeats=args.repeats, cache_block=args.cache_block, flex_split_kv=args.flex_split_kv,
                          refill_min=args.refill_min or None, trees=trees)
     print(table(rows))
+    print(f"\n{LEGEND}")
+    flagged = sum(bool(r["flags"]) for r in rows)
+    if flagged:
+        print(f"\n{flagged} of {len(rows)} rows are flagged: their timings are kept in the JSON but the report does not "
+              "plot them as results" + ("" if args.repeats > 1 else "; --repeats 3 measures the spread"))
 
     run_dir = run_dir_of(args.checkpoint)
     out = Path(args.json) if args.json else run_dir / "bench" / f"decode_{name}_{device}_{dtype_name}.json"
@@ -437,7 +538,8 @@ def main(args) -> int:
         "max_new_tokens": max_new, "heads": heads, "batch_sizes": batch_sizes, "dtype": dtype_name, "device": device,
         "cuda_graphs": args.cuda_graphs, "compile": args.compile, "attention": list(attention),
         "cache_block": args.cache_block, "flex_split_kv": args.flex_split_kv, "refill_min": args.refill_min,  # 0: the decoder's default
-        "trees": specs, "repeats": args.repeats, "hardware": hardware(),
+        "trees": specs, "repeats": args.repeats, "hardware": hardware(), "cores": os.cpu_count(),
+        "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": {"n_future": model.n_future, "head_type": cfg.model.head_type, "tokenizer": tokenizer.kind,
                   "context": context, **model.param_counts()},
@@ -447,5 +549,6 @@ def main(args) -> int:
         result["tree_choice"] = tree_choice(rows)
     write_json(out, result, inputs=inputs)
     print(f"wrote {out}")
-    log_to_run(run_dir, metrics_of(rows, name), [out], step=step)
+    log_to_run(run_dir, metrics_of(rows, name) | summary_metrics(rows, name), [out], step=step,
+               rows=speedup_curves(rows, name))
     return 0

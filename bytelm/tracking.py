@@ -394,14 +394,18 @@ def sync_eval_rows(client, run_dir: Path, info: dict) -> None:
     write_json(Path(run_dir) / "mlflow.json", {**info, "eval_rows_logged": n_rows})
 
 
-def log_to_run(run_dir: str | os.PathLike, metrics: dict, artifacts: Iterable = (), step: int | None = None) -> bool:
+def log_to_run(run_dir: str | os.PathLike, metrics: dict, artifacts: Iterable = (), step: int | None = None,
+               rows: Iterable[dict] = ()) -> bool:
     """For stages after training (eval, decode bench): append the metrics to
     run_dir/eval_metrics.jsonl, and log them and the artifacts into the run dir's MLflow
-    run when it has one and MLflow is reachable. Returns whether MLflow got them; if not,
-    `bytelm track import RUN_DIR` logs them later."""
+    run when it has one and MLflow is reachable. `rows`: more rows, each with its own
+    "step" (a curve over something other than training steps, e.g. heads used). Returns
+    whether MLflow got them; if not, `bytelm track import RUN_DIR` logs them later."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _append_jsonl(run_dir / "eval_metrics.jsonl", {"step": step, **metrics})
+    for row in rows:
+        _append_jsonl(run_dir / "eval_metrics.jsonl", row)
     info = read_mlflow_json(run_dir)
     if info is None:
         return False

@@ -165,9 +165,25 @@ def test_timed_runs_returns_the_median_run_whole(repeats):
         return gen
 
     decoder.run = run_with_known_wall
-    gen = timed_runs(decoder, [[257, 97, 98], [257, 99]], 12, ByteTokenizer(), repeats)
+    timed = timed_runs(decoder, [[257, 97, 98], [257, 99]], 12, ByteTokenizer(), repeats)
     assert len(runs) == 1 + repeats
-    assert gen is runs[1 if repeats == 1 else 3]  # the timed walls: 30 | 30 10 20 | 30 10 20 40
+    assert timed.gen is runs[1 if repeats == 1 else 3]  # the timed walls: 30 | 30 10 20 | 30 10 20 40
+    assert timed.walls == sorted([30.0, 10.0, 20.0, 40.0][:repeats])  # every repeat, for the spread
+    assert timed.load_avg >= 0
+
+
+def test_rows_whose_timing_is_not_a_result_are_flagged():
+    """Repeats that disagree (the row's or its baseline's), a load above the cores, and a
+    speedup above tokens per forward each flag a row, saying why; a clean row has none."""
+    from bytelm.decode_bench import row_flags, spread
+
+    assert spread([1.0]) == 0.0 and spread([1.0, 1.05, 1.3]) == pytest.approx(0.3 / 1.05)
+    clean = {"wall_spread": 0.02, "baseline_wall_spread": 0.05, "load_avg": 1.0, "baseline_load_avg": 0.5,
+             "speedup": 1.8, "tokens_per_forward": 1.9}
+    assert row_flags(clean, cores=2) == []
+    assert row_flags({**clean, "baseline_wall_spread": 0.4}, 2) == ["repeats disagree: wall times spread 40% (over 10%)"]
+    assert row_flags({**clean, "load_avg": 6.2}, 2) == ["busy machine: load average 6.2 on 2 cores"]
+    assert row_flags({**clean, "speedup": 2.5}, 2) == ["impossible: speedup 2.50 above 1.90 tokens per forward"]
 
 
 @torch.no_grad()

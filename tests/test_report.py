@@ -276,3 +276,24 @@ def test_report_rebuilt_from_its_runs_csv_without_mlflow(study, tmp_path):
     assert "not a runs.csv of `bytelm report`" in subprocess.run(
         [sys.executable, "-m", "bytelm", "report", "--runs-csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "y")],
         capture_output=True, text=True).stderr
+
+
+def test_a_flagged_bench_row_is_marked_not_a_result(tmp_path):
+    """decode-bench's flag on a row (here a speedup above its tokens per forward) marks its
+    Table S3 cell and keeps it out of the table's best speedup."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(client, "flags")
+    run_id = client.create_run(exp_id, run_name="bytes-n4", tags={"grid.vocab": "bytes", "grid.n": "4"}).info.run_id
+    metrics = [Metric("val/bpb", 2.0, 0, 10)]
+    for heads, speedup, tpf, flagged in ((2, 1.5, 1.8, 0.0), (4, 9.0, 3.0, 1.0)):
+        metrics += [Metric(f"spec/code/b1/k{heads}/speedup", speedup, 0, 10),
+                    Metric(f"spec/code/b1/k{heads}/tokens_per_forward", tpf, 0, 10),
+                    Metric(f"spec/code/b1/k{heads}/flagged", flagged, 0, 10)]
+    client.log_batch(run_id, metrics=metrics)
+    client.set_terminated(run_id, "FINISHED")
+    report, _, _ = build_report("flags", uri, tmp_path / "out")
+    text = report.read_text()
+    csv = pd.read_csv(tmp_path / "out" / "table1.csv")
+    assert csv["speedup"].item() == 1.5 and csv["speedup_heads"].item() == 2
+    assert "⚠ 9.00 / 3.00" in text and "| 1.50 / 1.80" in text and "is not a result" in text
