@@ -28,6 +28,19 @@ def config_label(name: str) -> str:
     return re.sub(r"-s\d+$", "", str(name))
 
 
+MARKERS = "osD^vP*X<>"
+
+
+def styles(runs: pd.DataFrame) -> dict[str, dict]:
+    """One colour and marker per configuration (run name without its seed), the same in
+    every figure of a report. Markers are hollow and shrink from one configuration to
+    the next, so that points drawn on top of each other (every pass@k at 0) stay visible
+    as nested shapes."""
+    configs = sorted({config_label(n) for n in runs["name"]})
+    return {c: {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)], "ms": 9 - 1.6 * (i % 4), "mfc": "none",
+                "mew": 1.5} for i, c in enumerate(configs)}
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:  # kill -9 mid-draw leaves no 0-byte PNG
@@ -44,10 +57,11 @@ def passk_vs_k(runs: pd.DataFrame, path: Path) -> bool:
     pm["config"] = pm["name"].map(config_label)
     tasks = [t for t in TASKS if t in set(pm["task"])] + sorted(set(pm["task"]) - set(TASKS))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    style = styles(runs)
     for ax, task in zip(axes[0], tasks):
         sel = pm[pm["task"] == task].groupby(["config", "k"])["value"].mean().reset_index()
         for config, g in sel.groupby("config"):
-            ax.plot(g["k"], 100 * g["value"], marker="o", label=config)
+            ax.plot(g["k"], 100 * g["value"], label=config, **style[config])
         ax.set_xscale("log")
         ks = sorted(sel["k"].unique())
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -72,19 +86,26 @@ def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
     if not keys or runs["n"].isna().all():
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    style = styles(runs)
+    configs = runs.assign(config=runs["name"].map(config_label))
     for ax, (key, title, scale) in zip(axes[0], keys):
-        for vocab, g in runs.groupby("vocab"):
+        for (vocab, g), ls in zip(runs.groupby("vocab"), ("-", "--", ":", "-.")):
             stats = g.groupby("n")[key].agg(["mean", "std"]).dropna(subset=["mean"])
             if stats.empty:
                 continue
+            # the vocabulary's line in gray; its points in their configurations' colours
             ax.errorbar(stats.index.astype(int), scale * stats["mean"], yerr=scale * stats["std"].fillna(0),
-                        marker="o", capsize=3, label=VOCAB_TITLES.get(vocab, vocab))
+                        color="gray", ls=ls, capsize=3, label=VOCAB_TITLES.get(vocab, vocab))
+        for config, g in configs.groupby("config"):
+            vals = pd.to_numeric(g[key], errors="coerce").dropna()
+            if len(vals) and g["n"].notna().any():
+                ax.plot([int(g["n"].dropna().iloc[0])], [scale * vals.mean()], ls="none", label=config, **style[config])
         ax.set_xlabel("n (future tokens predicted)")
         if scale == 100:  # pass@1: a rate
             ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    axes[0][0].legend(fontsize=7)
     _save(fig, path)
     return True
 
@@ -104,16 +125,17 @@ def speedup_vs_heads(runs: pd.DataFrame, path: Path) -> bool:
     batch = int(spec["batch"].min())
     spec = spec[spec["batch"] == batch].merge(runs[["run_id", "name", "vocab"]], on="run_id")
     spec["config"] = spec["name"].map(config_label)
+    style = styles(runs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, what, title, paper_idx in ((axes[0], "speedup", "speedup over plain decoding", 0),
                                        (axes[1], "bytes_per_forward", "bytes per forward", 1)):
         sel = spec[spec["what"] == what].groupby(["config", "decoder", "nodes"])["value"].mean().reset_index()
-        for i, (config, g) in enumerate(sel.groupby("config")):
-            color = f"C{i}"
+        for config, g in sel.groupby("config"):
             chain, tree = g[g["decoder"] == "chain"], g[g["decoder"] == "tree"]
-            ax.plot(chain["nodes"], chain["value"], marker="o", color=color, label=f"{config} chain")
+            ax.plot(chain["nodes"], chain["value"], label=f"{config} chain", **style[config])
             if not tree.empty:
-                ax.plot(tree["nodes"], tree["value"], marker="s", ls="--", color=color, label=f"{config} trees")
+                ax.plot(tree["nodes"], tree["value"], ls="--", label=f"{config} trees",
+                        **{**style[config], "marker": "s"})
         for n, row in TABLE_S3.items():
             heads = sorted(row)
             ax.plot(heads, [row[h][paper_idx] for h in heads], ls="--", lw=0.8, color="gray", alpha=0.6)
@@ -135,13 +157,15 @@ def bpb_curves(runs: pd.DataFrame, history: pd.DataFrame, path: Path, x_key: str
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     names = dict(zip(runs["run_id"], runs["name"]))
+    style = styles(runs)
     for run_id, h in history.groupby("run_id"):
         val = h[h["key"] == "val/bpb"]
         x = h[h["key"] == x_key]
         if val.empty or x.empty:
             continue
         xs = np.interp(val["step"], np.r_[0, x["step"]], np.r_[0, x["value"]])
-        ax.plot(xs, val["value"], marker=".", label=names.get(run_id, run_id))
+        name = names.get(run_id, run_id)
+        ax.plot(xs, val["value"], label=name, **{**style[config_label(name)], "ms": 5})
         drawn = True
     if not drawn:
         plt.close(fig)

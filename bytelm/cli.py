@@ -82,8 +82,18 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
     return parser, chosen
 
 
+def check_overrides(argv: list[str]) -> None:
+    """`--set model.n_future 8` (a space for the =) would reach argparse as a stray
+    argument: say how to write it instead."""
+    for flag, key, value in zip(argv, argv[1:], argv[2:] + [""]):
+        if flag in ("--set", "--tag") and "=" not in key:
+            example = f"{key}={value}" if value and not value.startswith("-") else f"{key}=VALUE"
+            raise UserError(f"{flag} takes KEY=VALUE in one word: write {flag} {example}")
+
+
 def run_command(argv: list[str]) -> int | None:
     """Parses argv and runs its command in this process; a UserError propagates."""
+    check_overrides(argv)
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     if module is None:

@@ -549,6 +549,9 @@ def main(args) -> int:
         result["tree_choice"] = tree_choice(rows)
     write_json(out, result, inputs=inputs)
     print(f"wrote {out}")
-    log_to_run(run_dir, metrics_of(rows, name) | summary_metrics(rows, name), [out], step=step,
+    from bytelm.run_plots import speedup_by_heads
+
+    plot = speedup_by_heads(rows, name, out.with_suffix(".png"))
+    log_to_run(run_dir, metrics_of(rows, name) | summary_metrics(rows, name), [out, plot], step=step,
                rows=speedup_curves(rows, name))
     return 0

@@ -504,6 +504,12 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     result = {"step": state["step"], "best_val_bpb": state["best_val_bpb"]}
     if tracker is not None:
         status = "finished" if state["step"] >= t.steps else "stopped"
+        from bytelm.fileio import read_jsonl
+        from bytelm.run_plots import val_bpb_by_head
+
+        plot = val_bpb_by_head(read_jsonl(tracker.metrics_path), m.n_future, run_dir / "plots" / "val_bpb_by_head.png")
+        if plot:
+            tracker.log_artifact(plot, "plots")
         tracker.set_status(status, step=state["step"])
         print(final_summary(run_dir, status, state["step"], t.steps, last_val, m.n_future, tracker), flush=True)
         tracker.close()

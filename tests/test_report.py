@@ -297,3 +297,15 @@ def test_a_flagged_bench_row_is_marked_not_a_result(tmp_path):
     csv = pd.read_csv(tmp_path / "out" / "table1.csv")
     assert csv["speedup"].item() == 1.5 and csv["speedup_heads"].item() == 2
     assert "⚠ 9.00 / 3.00" in text and "| 1.50 / 1.80" in text and "is not a result" in text
+
+
+def test_one_style_per_configuration_in_every_figure():
+    """Seeds of a configuration share its colour and marker; configurations differ in
+    both, and their hollow markers shrink so that coinciding points stay visible."""
+    from analysis.plots import styles
+
+    runs = pd.DataFrame({"name": ["bytes-n8-s0", "bytes-n8-s1", "bytes-n1-s0", "bpe-n2-s0"]})
+    st = styles(runs)
+    assert set(st) == {"bytes-n8", "bytes-n1", "bpe-n2"}
+    assert len({s["color"] for s in st.values()}) == 3 and len({s["marker"] for s in st.values()}) == 3
+    assert len({s["ms"] for s in st.values()}) == 3 and all(s["mfc"] == "none" for s in st.values())
