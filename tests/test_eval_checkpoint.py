@@ -111,9 +111,15 @@ def test_prompts_longer_than_the_context(tmp_path, monkeypatch, capsys):
         out = tmp_path / f"passk{len(extra)}.json"
         with pytest.raises(SystemExit) as e:
             bytelm([*common, *extra, "--json", str(out)])
-        return e.value.code, json.loads(out.read_text()), capsys.readouterr().err
+        captured = capsys.readouterr()
+        capsys_out.append(captured.out)
+        return e.value.code, json.loads(out.read_text()), captured.err
+
+    capsys_out: list[str] = []
 
     code, summary, err = run()
+    assert "humaneval: pass@k over 2 of 164 problems, 2 samples per problem and temperature; 0 samples generated" in \
+        capsys_out[-1]
     s = summary["tasks"]["humaneval"]
     assert code == 1 and s["prompts_too_long"] == 2 and s["samples_generated"] == 0 and s["samples_not_generated"] == 4
     assert ("humaneval: 2 of 2 prompts are longer than the model's context (64 tokens): 4 of 4 samples were not "

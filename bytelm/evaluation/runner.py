@@ -428,6 +428,9 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     for t, v in summary["tasks"].items():
         print(f"{t} oracle temperature: " + ", ".join(
             f"pass@{k} {b['pass_at_k']:.4f} (t={b['temperature']:g})" for k, b in v["best"].items()))
+    for t, v in summary["tasks"].items():
+        print(f"{t}: pass@k over {v['n_problems']} of {v['n_problems_in_task']} problems, {s.n_samples} samples per "
+              f"problem and temperature; {v['samples_generated']} samples generated")
     for line in generation_notes(summary):
         print(f"bytelm eval: {line}", file=sys.stderr)
     log_to_run(run_dir, metrics, artifacts=[out, results_path(out)], step=step)
