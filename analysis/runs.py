@@ -136,11 +136,13 @@ def runs_from_csv(path: Path) -> Experiment:
     report rebuilt without the MLflow store (no sweep parents, no metric histories)."""
     try:
         df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"--runs-csv {path}: cannot read it as CSV ({e})") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"--runs-csv {path}: cannot read it as CSV ({str(e).splitlines()[0]})") from None
     missing = [c for c in ("name", "run_id", "status", "study", "vocab", "n") if c not in df]
     if missing:
         raise UserError(f"--runs-csv {path}: not a runs.csv of `bytelm report` (no column {', '.join(missing)})")
+    if df.empty:
+        raise UserError(f"--runs-csv {path} holds no runs")
     for col in ("n", "seed"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")

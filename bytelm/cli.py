@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from bytelm.errors import UserError
+from bytelm.errors import Stopped, UserError
 
 # When this process began the command, before importing torch: a time limit
 # (train.time_limit_s) counts from here, startup and compilation included.
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"bytelm {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"bytelm {args.command}: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except OSError as e:
         if e.errno not in USER_ERRNOS:
             raise

@@ -42,6 +42,25 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
+# Bytes at each end of a token file whose sha256 (`edge_sha256`) is checked every time a
+# split is opened: garbled or swapped shards of the right size are caught in milliseconds,
+# where the full sha256 (`verify=True`) reads every byte.
+EDGE_BYTES = 1 << 20
+
+
+def edge_sha256(path: Path) -> str:
+    """sha256 of the first and the last EDGE_BYTES of a file (the whole of a small one)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        h.update(f.read(min(size, EDGE_BYTES)))
+        if size > EDGE_BYTES:
+            f.seek(max(EDGE_BYTES, size - EDGE_BYTES))
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -116,7 +135,8 @@ class ShardWriter:
         docs = np.asarray(self._starts, dtype=np.int64)
         np.save(self._dir / self._shard["docs"], docs)
         self._shard.update(
-            n_docs=len(docs), sha256=self._hash.hexdigest(), docs_sha256=sha256_file(self._dir / self._shard["docs"])
+            n_docs=len(docs), sha256=self._hash.hexdigest(), docs_sha256=sha256_file(self._dir / self._shard["docs"]),
+            edge_sha256=edge_sha256(self._dir / self._shard["tokens"]),
         )
         self._shards.append(self._shard)
 
@@ -173,7 +193,8 @@ class ShardWriter:
 def read_meta(split_dir: str | Path, format: str = TOKEN_FORMAT, verify: bool = False) -> dict:
     """meta.json of a split folder, checked against the files beside it.
 
-    Sizes and document offsets are always checked (cheap); `verify=True` also compares
+    Sizes, document offsets and the sha256 of each token file's ends (`edge_sha256`,
+    where the shards record it) are always checked (cheap); `verify=True` also compares
     every file's sha256 with the one recorded at write time.
     """
     split_dir = Path(split_dir)
@@ -206,6 +227,8 @@ def _check_shards(split_dir: Path, meta: dict, verify: bool) -> None:
             raise bad(f"{tok.name} has {tok.stat().st_size} bytes, expected {s['n_tokens'] * itemsize} (truncated?)")
         if k < len(shards) - 1 and s["n_tokens"] != meta["shard_tokens"]:
             raise bad(f"{tok.name} holds {s['n_tokens']} tokens, not the shard size {meta['shard_tokens']}")
+        if "edge_sha256" in s and edge_sha256(tok) != s["edge_sha256"]:
+            raise bad(f"{tok.name} fails its checksum (its content changed since it was written: corrupt?)")
         if verify:
             for file, key in ((tok, "sha256"), (docs, "docs_sha256")):
                 if sha256_file(file) != s[key]:
@@ -291,7 +314,10 @@ class ShardDataset:
         self.split_dir = Path(split_dir)
         self.meta = read_meta(self.split_dir, verify=verify)
         manifest = self.split_dir.parent.parent / "manifest.json"
-        if "manifest_sha256" in self.meta and manifest.is_file() and sha256_file(manifest) != self.meta["manifest_sha256"]:
+        if "manifest_sha256" in self.meta and not manifest.is_file():
+            raise UserError(f"{self.split_dir} was encoded from the corpus that {manifest} describes, and that file is "
+                            "missing: copy the prepared folder whole, or re-run `bytelm prepare`")
+        if "manifest_sha256" in self.meta and sha256_file(manifest) != self.meta["manifest_sha256"]:
             raise UserError(
                 f"{self.split_dir} was encoded from another corpus than {manifest} describes; "
                 "re-run `bytelm prepare` with this tokenizer"
@@ -338,6 +364,11 @@ class ShardDataset:
         length = seq_len + n_future
         starts = idx.astype(np.int64) * seq_len
         tok = np.stack([self._stream.read(s, s + length) for s in starts.tolist()])
+        if tok.size and tok.max() >= self.tokenizer.vocab_size:
+            w = int(np.argmax(tok.max(axis=1)))
+            raise UserError(f"{self.split_dir}: token id {int(tok.max())} near token {int(starts[w])} is outside the "
+                            f"{self.tokenizer.kind} vocabulary of {self.tokenizer.vocab_size}: the shards are corrupt "
+                            "(re-run `bytelm prepare`)")
         pos = starts[:, None] + np.arange(length)
         doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
         x = tok[:, :seq_len]

@@ -55,7 +55,23 @@ def mlflow_client(uri: str | None = None):
             "MLflow is not installed here: set tracking.mlflow=false (the run directory keeps "
             "everything) and log it later with `bytelm track import RUN_DIR`"
         ) from None
-    return MlflowClient(tracking_uri=uri or mlflow_uri())
+    uri = uri or mlflow_uri()
+    if not uri.startswith("sqlite:///") or uri in _SQLITE_READY:
+        return MlflowClient(tracking_uri=uri)
+    # The first use of a fresh SQLite store creates its tables; two processes doing it at
+    # once (a sweep's first children) made one die with "table ... already exists".
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    _SQLITE_READY.add(uri)
+    return client
+
+
+_SQLITE_READY: set[str] = set()  # the SQLite stores this process has opened (their schema exists)
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -98,6 +114,16 @@ def get_or_create_experiment(client, name: str) -> str:
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def check_parent_run(client, run_id: str) -> None:
+    """A --parent-run-id must name a run of the store, else runs would hang off nothing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"parent run {run_id!r} is not a run of the MLflow store {client.tracking_uri}") from None
 
 
 # ----------------------------------------------------------------------------- run facts

@@ -17,8 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
+from bytelm.config import read_yaml_mapping
 from bytelm.errors import UserError
 from bytelm.fileio import read_jsonl, write_json
 from bytelm.tracking import (
@@ -64,10 +63,13 @@ def import_run_dir(run_dir: Path, experiment: str | None = None, parent_run_id: 
             sync_eval_rows(client, run_dir, existing)
             return existing["run_id"], False
 
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    cfg = read_yaml_mapping(cfg_path, "run config")
     info_path = run_dir / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    tracking = cfg.get("tracking", {})
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{info_path} is not valid JSON ({e}); fix or remove it") from None
+    tracking = cfg.get("tracking") if isinstance(cfg.get("tracking"), dict) else {}
     experiment = experiment or tracking.get("experiment") or info.get("experiment") or "bytelm"
     run_name = tracking.get("run_name") or info.get("run_name") or run_dir.name
     client = mlflow_client()

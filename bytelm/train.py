@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from bytelm import checkpoint as ckpt
 from bytelm.config import RunConfig, load_config, save_config, to_dict
-from bytelm.errors import UserError
+from bytelm.errors import Stopped, UserError
 from bytelm.loss import HeadStats, accumulate_head_stats, loss_and_backward
 from bytelm.model import MTPTransformer
 from bytelm.mtp_schedule import head_weights
@@ -322,6 +324,38 @@ def evaluate(model: MTPTransformer, val: ShardDataset, cfg: RunConfig, device, a
 # ----------------------------------------------------------------------------- the loop
 
 
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to stop after the step it is in (checkpointed, the
+    run marked stopped: resumable); a second one stops at once. Installed only in the main
+    thread, and the previous handlers come back on `restore()`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank, on every rank."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, tags: dict | None = None,
           started: float | None = None) -> dict:
     """Trains (or resumes) the run in run_dir. `started`: the wall time train.time_limit_s
@@ -397,9 +431,14 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                                 | {"model/flops_per_token": flops_tok,
                                    "model/flops_per_token_head1": model.flops_per_token(m.context, n_heads=1)}, step=0)
 
+    saved_step = state["step"] if start else None  # of the newest step checkpoint
+
     def save(name: str) -> None:
         """Called by every rank; rank 0 writes. Under FSDP every rank takes part in
         gathering the full state first."""
+        nonlocal saved_step
+        if name.startswith("step_"):
+            saved_step = state["step"]
         if fsdp:
             model_sd, optim_sd = full_state_dicts(model, optimizer, names)
             if d.main:
@@ -416,6 +455,7 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     last_val: dict[str, float] = {}
+    signals = StopSignals()
     try:
         while state["step"] < t.steps:
             step = state["step"]
@@ -490,14 +530,28 @@ def train(cfg: RunConfig, run_dir: Path, *, parent_run_id: str | None = None, ta
                     ckpt.prune_checkpoints(run_dir, t.keep_last)
             if out_of_time:
                 break
+            asked_to_stop = signals.signum is not None
+            if d.world > 1:  # every rank stops at the same step
+                asked_to_stop = any_rank(asked_to_stop, device)
+            if asked_to_stop:
+                if saved_step != state["step"]:  # the steps since the last checkpoint are kept
+                    save(f"step_{state['step']:07d}")
+                    if d.main:
+                        ckpt.prune_checkpoints(run_dir, t.keep_last)
+                name = signal.Signals(signals.signum or signal.SIGTERM).name
+                raise Stopped(signals.signum or signal.SIGTERM,
+                              f"stopped by {name} at step {state['step']} of {t.steps}, checkpointed in "
+                              f"{ckpt.checkpoints_dir(run_dir)}; the same command resumes it")
     except BaseException as e:
         if tracker is not None:
-            status = "killed" if isinstance(e, KeyboardInterrupt) else "failed"
+            status = ("stopped" if isinstance(e, Stopped) else "killed" if isinstance(e, KeyboardInterrupt)
+                      else "failed")
             tracker.set_status(status, error=f"{type(e).__name__}: {e}", step=state["step"])
         if isinstance(e, FloatingPointError):
             raise UserError(f"{e}; the run stopped, its last good checkpoint is kept in {run_dir / 'checkpoints'}") from None
         raise
     finally:
+        signals.restore()
         bar.close()
         if d.world > 1:
             dist.destroy_process_group()
@@ -559,7 +613,22 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from bytelm.cli import STARTED
 
+    from bytelm.folderlock import lock_folder
+
     cfg = load_config(args.config, args.set)
-    tags = dict(t.split("=", 1) for t in args.tag if "=" in t)
-    train(cfg, Path(args.run_dir), parent_run_id=args.parent_run_id, tags=tags, started=STARTED)
+    bad = [t for t in args.tag if "=" not in t or not t.split("=", 1)[0].strip()]
+    if bad:
+        raise UserError(f"--tag takes KEY=VALUE, got {bad[0]!r}")
+    tags = dict(t.split("=", 1) for t in args.tag)
+    if args.parent_run_id and cfg.tracking.mlflow:
+        from bytelm.tracking import check_parent_run, mlflow_client
+
+        check_parent_run(mlflow_client(), args.parent_run_id)
+    # One process trains into a run directory at a time (rank 0 holds the lock for the job).
+    held = lock_folder(args.run_dir, "bytelm train") if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        train(cfg, Path(args.run_dir), parent_run_id=args.parent_run_id, tags=tags, started=STARTED)
+    finally:
+        if held is not None:
+            held.release()
     return 0

@@ -159,6 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: every core), got {args.workers}")
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "preset")}
     if args.preset:
         opts = preset_options(args.preset, **settings)

@@ -117,6 +117,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         eval_cfg = EvalConfig()
     settings = settings_from(args, eval_cfg)
+    if args.attention != "auto":
+        from bytelm.generate import ATTENTION_BACKENDS
+
+        if args.attention not in ATTENTION_BACKENDS:
+            raise UserError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {args.attention!r}")
     if args.samples and not args.task:
         raise UserError("--samples needs --task (humaneval, mbpp or apps)")
     tasks = parse_tasks(args.task or eval_cfg.tasks)

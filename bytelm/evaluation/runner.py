@@ -360,6 +360,8 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     from bytelm.tree import tree_from_spec
 
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible to this torch build")
     model, tokenizer, _ = load_model(checkpoint, device=device)
     dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     model = cast_for_inference(model, getattr(torch, dtype))

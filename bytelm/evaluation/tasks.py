@@ -111,8 +111,12 @@ _ID_PREFIX = {"humaneval": "HumanEval", "mbpp": "MBPP", "apps": "APPS"}
 
 
 def normalise_task_id(task: str, raw) -> str:
-    """'HumanEval/3', 3 or '3' -> 'HumanEval/3'; 11 or 'Mbpp/11' -> 'MBPP/11'."""
-    tail = str(raw).rsplit("/", 1)[-1].strip()
+    """'HumanEval/3', 3 or '3' -> 'HumanEval/3'; 11 or 'Mbpp/11' -> 'MBPP/11'. An id of
+    another benchmark ('MBPP/11' under humaneval) stays as it is: no problem of the task."""
+    head, _, tail = str(raw).rpartition("/")
+    if head and head.strip().lower() != _ID_PREFIX[task].lower():
+        return str(raw)
+    tail = tail.strip()
     return f"{_ID_PREFIX[task]}/{int(tail)}" if tail.isdigit() else str(raw)
 
 
