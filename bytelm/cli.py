@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bytelm {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
-        print(f"bytelm {args.command}: {e}", file=sys.stderr)
+        print(f"bytelm {name}: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except OSError as e:
         if e.errno not in USER_ERRNOS:

@@ -355,14 +355,14 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_sigterm_stops
     import signal
     import sys
 
-    from bytelm.tracking import read_jsonl
+    from bytelm.fileio import read_jsonl
 
     run = tmp_path / "run"
     argv = train_argv(run, smoke_data, "train.steps=1000000", "train.checkpoint_every=1000000", "train.eval_every=1000000")
     first = subprocess.Popen([sys.executable, "-m", "bytelm", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              cwd=tmp_path)
     try:
-        while not read_jsonl(run / "metrics.jsonl"):  # it holds the lock and has trained a step
+        while not read_jsonl(run / "metrics.jsonl", appending=True):  # it holds the lock, has trained a step
             assert first.poll() is None, first.stderr.read().decode()
         code, err = run_cli(argv, capsys)
         line = one_line(err)
@@ -377,7 +377,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_sigterm_stops
     assert status["status"] == "stopped"
     # the steps since the last checkpoint were saved: the run resumes where it stopped
     assert ckpt.checkpoint_step(run) == status["step"] >= 1
-    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl", appending=True) if "loss" in r]
     assert steps == sorted(set(steps))  # each step once
 
 
