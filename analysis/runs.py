@@ -146,7 +146,7 @@ def runs_from_csv(path: Path) -> Experiment:
     for col in ("n", "seed"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-    df = df.assign(**{c: None for c in ("train_status", "error", "parent_run_id") if c not in df}, is_parent=False)
+    df = df.assign(**{c: None for c in ("train_status", "error", "parent_run_id", "data") if c not in df}, is_parent=False)
     df["config_id"] = (df["config_id"] if "config_id" in df else pd.Series(None, index=df.index, dtype=object)).fillna(
         params_config_id(df))
     return Experiment(Path(path).name, "", df, pd.DataFrame(columns=["run_id", "start_time"]))

@@ -330,6 +330,17 @@ def test_a_full_disk_while_preparing_is_one_line(tmp_path, capsys):
         assert code == 1 and "No space left on device" in one_line(err)
 
 
+def test_a_full_disk_while_reporting_is_one_line(tmp_path, capsys):
+    csv = tmp_path / "runs.csv"
+    csv.write_text("name,run_id,status,study,vocab,n,seed\na-s0,r1,FINISHED,ablation,bytes,1,0\n")
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        (disk / "rep").mkdir()
+        fill(disk)
+        code, err = run_cli(["report", "--runs-csv", str(csv), "--out", str(disk / "rep")], capsys)
+        assert code == 1 and "No space left on device" in one_line(err) and str(disk / "rep") in one_line(err)
+        assert os.listdir(disk / "rep") == []  # no temporary, no cut-off file
+
+
 def test_an_immutable_output_folder_is_one_line(tmp_path, capsys):
     if shutil.which("chattr") is None or os.geteuid() != 0:
         pytest.skip("chattr +i needs root")
