@@ -117,14 +117,18 @@ def params_config_id(runs: pd.DataFrame) -> pd.Series:
         return pd.Series(dtype=object)
     import hashlib
 
-    cfg = config_params(runs).astype(str)
+    # a param some runs lack (a sweep's parent run has sweep.*, its children not) is "":
+    # astype(str) keeps NaN as missing under pandas' string dtype
+    cfg = config_params(runs).astype(object).fillna("").astype(str)
     return cfg.apply(lambda r: "p" + hashlib.sha1("\0".join(r).encode()).hexdigest()[:11], axis=1)
 
 
 def config_differences(runs: pd.DataFrame, ids: list[str]) -> dict[str, str]:
     """For configurations that a table would show as the same (vocab, n, ...), what sets
     each apart: config_id -> 'key=value, ...' over the keys whose values differ."""
-    cfg = config_params(runs).astype(str)
+    # a param some runs lack (a sweep's parent run has sweep.*, its children not) is "":
+    # astype(str) keeps NaN as missing under pandas' string dtype
+    cfg = config_params(runs).astype(object).fillna("").astype(str)
     cfg["config_id"] = runs["config_id"]
     first = cfg[cfg["config_id"].isin(ids)].drop_duplicates("config_id").set_index("config_id")
     differ = [c for c in first.columns if first[c].nunique() > 1]

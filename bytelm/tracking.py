@@ -185,8 +185,9 @@ def system_tags() -> dict[str, str]:
 # which logs the settings it ran with.
 KEY_PARAMS = ("data.root", "data.tokenizer", "model.n_future", "model.head_type", "model.context", "model.d_model",
               "model.n_layers", "train.steps", "train.batch_size", "train.lr", "train.mtp_schedule.kind", "train.seed")
-# left out of a run's configuration identity (config_id): its name, and the seed
-IDENTITY_SKIP = ("tracking.", "eval.", "train.seed")
+# left out of a run's configuration identity (config_id): its name, its evaluation settings
+# (eval.*, and a sweep stage's stage.*), and the seed
+IDENTITY_SKIP = ("tracking.", "eval.", "stage.", "train.seed")
 
 
 def config_params(cfg_dict: dict) -> dict[str, str]:

@@ -114,7 +114,9 @@ def run_job(job: dict) -> int:
                 break
     seconds = time.time() - t0
     use_mlflow = job.get("mlflow") is not None
-    if stage == "train" and (signalled or rc != 0) and train_status(run_dir) in ("stopped", "killed", "running"):
+    status = train_status(run_dir)
+    if stage == "train" and status != "finished" and (signalled or (rc != 0 and status in ("stopped", "killed", "running"))):
+        # stopped by a signal (however the trainer ended), or killed mid-run: its checkpoint resumes it
         return _stopped(job, run_dir, signalled)
     if signalled and rc == 0 and stage != "train":
         return _stopped(job, run_dir, signalled)  # cut short between commands: the next call goes on
