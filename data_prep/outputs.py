@@ -10,17 +10,18 @@ is written. An output folder that is, contains or lies inside one of the sources
 refused too: the command would read what it writes, or replace what it reads.
 
 A run killed mid-stage leaves the temporary folder of `bytelm.fileio.atomic_path` behind:
-`.corpus.XXXXXXXX/` beside `corpus/`, `.train.XXXXXXXX/` beside a token split, and so on.
-The next successful run removes those of its own outputs (`remove_stale_temporaries`).
+`.corpus.~PID@HOST~XXXX/` beside `corpus/`, `.train.~PID@HOST~XXXX/` beside a token split,
+and so on. The next run removes those of its own outputs whose process is dead
+(`remove_stale_temporaries`), and a write of an output removes those beside it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
+from bytelm import fileio
 from bytelm.errors import UserError
 from bytelm.shards import CORPUS_FORMAT, TOKEN_FORMAT
 
@@ -100,23 +101,11 @@ def check_output(out: Path, source_roots: list[Path]) -> None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary folders that a killed run of prepare left beside its outputs.
-
-    Only `.NAME.XXXXXXXX/` folders (atomic_path's layout: a random suffix of 8 characters)
-    beside one of prepare's outputs, holding nothing but an entry NAME, are removed.
-    """
+    """Remove the temporary folders that a killed run of prepare left beside its outputs:
+    those of `bytelm.fileio.atomic_path` whose process is dead (`fileio.remove_stale_temporaries`)."""
     removed = []
     for rel in OUTPUTS:
         path = out / rel
-        if not path.parent.is_dir():
-            continue
-        for tmp in path.parent.glob(f".{path.name}.*"):
-            if (
-                re.fullmatch(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}", tmp.name)
-                and tmp.is_dir()
-                and not tmp.is_symlink()
-                and {p.name for p in tmp.iterdir()} <= {path.name}
-            ):
-                shutil.rmtree(tmp)
-                removed.append(tmp)
+        if path.parent.is_dir():
+            removed += fileio.remove_stale_temporaries(path.parent, path.name)
     return removed

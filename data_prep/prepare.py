@@ -106,6 +106,8 @@ def prepare(opts: PrepareOptions) -> dict:
         yield
         times[stage] = (time.perf_counter() - wall, time.process_time() - cpu)
 
+    for tmp in remove_stale_temporaries(out):
+        print(f"removed {tmp}, left by an interrupted run")
     try:
         with timed("corpus"):
             build_corpus(out, opts.corpus, opts.workers, opts.overwrite)
@@ -127,8 +129,6 @@ def prepare(opts: PrepareOptions) -> dict:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    for tmp in remove_stale_temporaries(out):
-        print(f"removed {tmp}, left by an interrupted run")
     print(tabulate(rows, headers=["arm", "split", "docs", "text bytes", "tokens (incl. EOS)", "bytes/token (excl. EOS)"], floatfmt=".3f"))
     # CPU time of this process and its threads (the BPE's Rust threads count; the corpus
     # stage's worker processes do not).

@@ -169,7 +169,7 @@ def test_stale_temporary_folders_of_a_killed_run_are_removed(tmp_path, code_fold
         pid = os.fork()
         if pid == 0:
             try:
-                with atomic_path(target) as tmp:
+                with atomic_path(target, marker="train/meta.json" if target.name == "corpus" else "meta.json") as tmp:
                     tmp.mkdir()
                     (tmp / "half_written.bin").write_bytes(b"x")
                     os._exit(9)
