@@ -110,7 +110,7 @@ def prepare(opts: PrepareOptions) -> dict:
         print(f"removed {tmp}, left by an interrupted run")
     try:
         with timed("corpus"):
-            build_corpus(out, opts.corpus, opts.workers, opts.overwrite)
+            manifest = build_corpus(out, opts.corpus, opts.workers, opts.overwrite)
         manifest_sha = sha256_file(out / "manifest.json")
         arms = []
         if opts.tokenizer in ("bytes", "both"):
@@ -129,6 +129,7 @@ def prepare(opts: PrepareOptions) -> dict:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    print(tabulate(stage_rows(manifest), headers=["corpus stage", "docs", "bytes"], intfmt=","))
     print(tabulate(rows, headers=["arm", "split", "docs", "text bytes", "tokens (incl. EOS)", "bytes/token (excl. EOS)"], floatfmt=".3f"))
     # CPU time of this process and its threads (the BPE's Rust threads count; the corpus
     # stage's worker processes do not).
@@ -137,13 +138,26 @@ def prepare(opts: PrepareOptions) -> dict:
     return times
 
 
+def stage_rows(manifest: dict) -> list[list]:
+    """What each corpus stage read, skipped and removed (from the manifest)."""
+    rows = [["read", manifest["counts"]["read"]["docs"], manifest["counts"]["read"]["bytes"]]]
+    skipped: dict[str, int] = {}
+    for s in manifest["sources"]:
+        for k, v in s.get("skipped", {}).items():
+            skipped[k] = skipped.get(k, 0) + v
+    rows += [[f"skipped: {k} (files or rows)", v, ""] for k, v in sorted(skipped.items())]
+    rows += [[f"removed: {k}", v["docs"], v["bytes"]] for k, v in manifest["dropped"].items()]
+    rows.append(["kept", manifest["counts"]["kept"]["docs"], manifest["counts"]["kept"]["bytes"]])
+    return rows
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Every flag defaults to None, so that a preset's value shows through unless it is given.
     p.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made recipe (smoke: 4 MB of the stdlib, both tokenizers, data/smoke)")
-    p.add_argument("--source", dest="sources", action="append", metavar="SPEC", help="python-env, python-stdlib, a folder, or a .jsonl/.jsonl.gz file (repeatable)")
+    p.add_argument("--source", dest="sources", action="append", metavar="SPEC", help="python-env, python-stdlib, a folder, a saved Hugging Face dataset, or .jsonl/.jsonl.gz/.jsonl.zst/.parquet files or a glob of them; SPEC@W weights it in the mix (repeatable)")
     p.add_argument("--out", help="output folder (the smoke preset: data/smoke)")
     p.add_argument("--tokenizer", choices=["bytes", "bpe", "both"], help="which arms to encode (default: both)")
-    p.add_argument("--text-field", help="JSONL field holding the document (default: text)")
+    p.add_argument("--text-field", help="JSONL field or parquet/dataset column holding the document (default: text; The Stack: content)")
     p.add_argument("--glob", dest="globs", action="append", metavar="PAT", help="files of a folder source to take, fnmatch on the relative path (repeatable; default: *.py)")
     p.add_argument("--val-share", type=float, help="share of documents in the validation split (default: 0.01)")
     p.add_argument("--bpe-vocab", type=int, help=f"BPE vocabulary size incl. the 2 special tokens (default: {DEFAULT_VOCAB})")
@@ -153,6 +167,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="benchmark data folder (default: $BYTELM_DATA_DIR or ../shared/data)")
     p.add_argument("--apps", metavar="PATH", help="also decontaminate against this APPS .jsonl file")
     p.add_argument("--shard-tokens", type=int, help=f"tokens (corpus: bytes) per shard, at least {MIN_SHARD_TOKENS} (default: {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--where", action="append", metavar="COLUMN=V1,V2", help="keep only records whose COLUMN (of a parquet, JSONL or HF dataset source) is one of the values, e.g. lang=Python, ext=py,pyi, license=mit (repeatable; case-insensitive; a list column matches when any element does)")
+    p.add_argument("--min-doc-bytes", type=int, help="drop documents shorter than this many bytes (default: 1)")
+    p.add_argument("--max-doc-bytes", type=int, help="drop documents longer than this many bytes (default: 0, no limit)")
+    p.add_argument("--on-corrupt", choices=["error", "skip"], help="a parquet or arrow file that cannot be read: stop with an error (default) or skip it and count it")
+    p.add_argument("--minhash", action="store_true", default=None, help="also remove near-duplicates (datatrove MinHash; docs/data.md)")
+    p.add_argument("--minhash-ngram", type=int, help="MinHash shingle size in words (default: 5)")
+    p.add_argument("--minhash-bands", type=int, help="MinHash bands (default: 14)")
+    p.add_argument("--minhash-rows", type=int, help="MinHash hashes per band (default: 8; threshold about (1/bands)^(1/rows) = 0.72)")
+    p.add_argument("--minhash-seed", type=int, help="MinHash hash-function seed (default: 1)")
+    p.add_argument("--tasks", type=int, help="read tasks of the corpus stage (default: 4 per worker, at most one per input file)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a corpus of other sources that --out already holds (never a folder prepare did not make)")
     p.add_argument("--follow-symlinks", action="store_true", default=None, help="follow links in folder sources wherever they point (default: only links that stay inside the folder)")
     p.add_argument("--workers", type=int, help="worker processes for the corpus stage (default: 0, every core)")

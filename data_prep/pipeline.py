@@ -1,0 +1,253 @@
+"""The corpus stage's datatrove pieces: steps, the part files between stages, executors.
+
+The read stage is one datatrove pipeline run as N tasks; task r takes a contiguous block
+of the input files (in source order) and runs
+
+    ReadFiles -> FilterDocuments (--where, size) -> Decontaminate -> WritePart
+
+`WritePart` removes exact duplicates inside the task (first copy kept) and writes the
+survivors as one *part*: `parts/{r:05d}/docs.bin` (the documents' bytes, concatenated),
+`index.npy` (per document: BLAKE2b-128 digest, length, source, UTF-8 flag) and
+`counts.json` (what each step read, skipped and dropped). A part is built under a
+temporary name and renamed into place before datatrove marks the task completed, so a
+killed run restarted with the same inputs skips the finished tasks and never reads a
+half-written part. MinHash signatures are computed by datatrove's own steps over
+`ReadParts` (the parts' documents that survive exact deduplication).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from datatrove.data import Document as DTDocument
+from datatrove.executor.local import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from data_prep.decontaminate import NgramIndex
+from data_prep.sources import Source
+
+INDEX_DTYPE = np.dtype([("digest", "V16"), ("length", "<i8"), ("source", "<i4"), ("utf8", "?")])
+MAX_LISTED_DROPS = 50  # names of contaminated documents listed per benchmark
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _count(c: dict, key: str, n_bytes: int) -> None:
+    e = c.setdefault(key, {"docs": 0, "bytes": 0})
+    e["docs"] += 1
+    e["bytes"] += n_bytes
+
+
+def blocks(n_units: int, tasks: int, rank: int) -> range:
+    """The contiguous block of input files of task `rank` out of `tasks`."""
+    return range(rank * n_units // tasks, (rank + 1) * n_units // tasks)
+
+
+class ReadFiles(PipelineStep):
+    """Reads this task's block of input files; each document's bytes travel in metadata["data"]."""
+
+    name = "bytelm sources"
+    type = "📖 - READER"
+
+    def __init__(self, sources: list[Source], units: list[tuple[int, str, str]], counts: dict):
+        super().__init__()
+        self.sources, self.units, self.counts = sources, units, counts
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[DTDocument]:
+        per_source = self.counts.setdefault("sources", {})
+        for u in blocks(len(self.units), world_size, rank):
+            si, name, path = self.units[u]
+            c = per_source.setdefault(str(si), {"read": {"docs": 0, "bytes": 0}, "skipped": {}})
+            for d in self.sources[si].read_file(si, name, Path(path), c["skipped"]):
+                _count(c, "read", len(d.data))
+                self.stat_update("documents")
+                meta = {"source": si, "data": d.data, "columns": d.columns}
+                yield DTDocument(text=d.data.decode("utf-8", errors="replace"), id=d.name, metadata=meta)
+
+
+class FilterDocuments(BaseFilter):
+    """`--where COLUMN=V1,V2` on record columns (a list-valued column matches when any
+    element does; values compare as strings, case-insensitively) and document size bounds."""
+
+    name = "bytelm filters"
+
+    def __init__(self, where: dict[str, list[str]], min_bytes: int, max_bytes: int, counts: dict):
+        super().__init__()
+        self.where = {k: {v.lower() for v in vs} for k, vs in where.items()}
+        self.min_bytes, self.max_bytes, self.counts = min_bytes, max_bytes, counts
+
+    def filter(self, doc: DTDocument) -> bool | tuple[bool, str]:
+        from bytelm.errors import UserError
+
+        n = len(doc.metadata["data"])
+        for col, allowed in self.where.items():
+            columns = doc.metadata["columns"]
+            if col not in columns:
+                raise UserError(f"{doc.id}: no column {col!r} for --where (columns: {', '.join(sorted(columns)) or 'none'})")
+            value = columns[col]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not any(str(v).lower() in allowed for v in values):
+                _count(self.counts.setdefault("dropped", {}), f"filtered/{col}", n)
+                return False, col
+        if n < self.min_bytes or (self.max_bytes and n > self.max_bytes):
+            _count(self.counts.setdefault("dropped", {}), "filtered/size", n)
+            return False, "size"
+        return True
+
+
+class Decontaminate(BaseFilter):
+    """Drops a document sharing an n-gram with a benchmark (data_prep/decontaminate.py)."""
+
+    name = "bytelm decontamination"
+
+    def __init__(self, index: NgramIndex, counts: dict):
+        super().__init__()
+        self.index, self.counts = index, counts
+
+    def filter(self, doc: DTDocument) -> bool | tuple[bool, str]:
+        hit = self.index.match(doc.text)
+        if hit < 0:
+            return True
+        bench = self.index.names[hit]
+        _count(self.counts.setdefault("dropped", {}), f"contaminated/{bench}", len(doc.metadata["data"]))
+        names = self.counts.setdefault("contaminated_names", {}).setdefault(bench, [])
+        if len(names) < MAX_LISTED_DROPS:
+            names.append(doc.id)
+        return False, f"contaminated/{bench}"
+
+
+class WritePart(PipelineStep):
+    """Exact dedup inside the task (first copy kept), then the task's part, written atomically.
+
+    `max_bytes` > 0 (only with a single task) stops once that many bytes are kept.
+    """
+
+    name = "bytelm part writer"
+    type = "💽 - WRITER"
+
+    def __init__(self, folder: str, counts: dict, max_bytes: int = 0):
+        super().__init__()
+        self.folder, self.counts, self.max_bytes = folder, counts, max_bytes
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        final = Path(self.folder) / f"{rank:05d}"
+        tmp = Path(self.folder) / f".{rank:05d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed task
+        tmp.mkdir(parents=True)
+        seen: set[bytes] = set()
+        index, kept = [], 0
+        dropped = self.counts.setdefault("dropped", {})
+        with open(tmp / "docs.bin", "wb") as f:
+            for doc in data:
+                raw = doc.metadata["data"]
+                h = digest(raw)
+                if h in seen:
+                    _count(dropped, "duplicate", len(raw))
+                    continue
+                seen.add(h)
+                try:
+                    raw.decode("utf-8")
+                    utf8 = True
+                except UnicodeDecodeError:
+                    utf8 = False
+                f.write(raw)
+                index.append((h, len(raw), doc.metadata["source"], utf8))
+                kept += len(raw)
+                self.stat_update("kept")
+                if self.max_bytes and kept >= self.max_bytes:
+                    self.counts["stopped_at_max_bytes"] = True
+                    break
+            f.flush()
+            os.fsync(f.fileno())
+        np.save(tmp / "index.npy", np.array(index, dtype=INDEX_DTYPE))
+        (tmp / "counts.json").write_text(json.dumps(self.counts, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return iter(())
+
+
+def read_part(folder: Path) -> tuple[np.ndarray, Iterator[bytes]]:
+    """(index, documents' bytes in order) of one part."""
+    index = np.load(folder / "index.npy", allow_pickle=False)
+
+    def docs() -> Iterator[bytes]:
+        with open(folder / "docs.bin", "rb") as f:
+            for n in index["length"].tolist():
+                yield f.read(n)
+
+    return index, docs()
+
+
+class ReadParts(PipelineStep):
+    """The documents of part `rank` that survive exact dedup (keep mask), for MinHash."""
+
+    name = "bytelm parts"
+    type = "📖 - READER"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[DTDocument]:
+        part = Path(self.folder) / f"{rank:05d}"
+        keep = np.load(part / "keep.npy")
+        index, docs = read_part(part)
+        for i, raw in enumerate(docs):
+            if keep[i]:
+                yield DTDocument(text=raw.decode("utf-8", errors="replace"), id=str(i), metadata={"i": i})
+
+
+class CodeWords(WordTokenizer):
+    """MinHash shingles over whitespace-separated words (code has no sentences to find)."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.splitlines()
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+
+class _Discard:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def quiet_datatrove() -> None:
+    """datatrove logs through loguru to stderr: keep its messages off prepare's terminal
+    (each task still writes its full log to logging_dir/logs/task_NNNNN.log)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(_Discard(), level="WARNING")
+
+
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, its tasks' logs only in their log files."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        with contextlib.redirect_stderr(_Discard()):
+            try:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            finally:
+                quiet_datatrove()
+
+    def run(self):
+        quiet_datatrove()
+        return super().run()
