@@ -8,6 +8,11 @@ prefill over static buffers, and the cache of their compiled forms and CUDA grap
   stale keys at positions the next step writes again before reading them (each step
   writes every position it reads beyond the accepted prefix), in the trunk's cache and,
   for transformer heads, in every head block's cache.
+- A tree step (`tree`, bytelm/tree.py) is one forward of fixed shape (b, N) over each
+  row's N candidate nodes instead: node j at cache slot P+j and position P+depth(j),
+  attending to its ancestors; the accepted path's keys and values are then moved to
+  P+1, P+2, ... (one gather per layer), and the host reads back the same (b, k+1)
+  integers as after a chain step.
 - A step reads only a prefix of the cache: its first Lb positions, Lb the smallest
   multiple of `cache_block` (capped at the cache length L) above the last position any
   active row writes in it. The caller knows every row's position, so choosing Lb costs no
