@@ -341,6 +341,14 @@ def test_a_full_disk_while_reporting_is_one_line(tmp_path, capsys):
         assert os.listdir(disk / "rep") == []  # no temporary, no cut-off file
 
 
+def test_a_full_disk_while_sweeping_is_one_line(smoke_data, tmp_path, capsys):
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        fill(disk)
+        code, err = run_cli(["sweep", str(REPO / "experiments" / "sweeps" / "smoke.yaml"), "--out", str(disk / "sw"),
+                             "--no-mlflow", "--set", f"data.root={smoke_data}"], capsys)
+        assert code == 1 and "No space left on device" in one_line(err) and str(disk / "sw") in one_line(err)
+
+
 def test_an_immutable_output_folder_is_one_line(tmp_path, capsys):
     if shutil.which("chattr") is None or os.geteuid() != 0:
         pytest.skip("chattr +i needs root")
