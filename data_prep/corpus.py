@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -220,8 +221,11 @@ def _run_minhash(parts: Path, work: Path, tasks: int, workers: int, opts: Corpus
     return remove
 
 
-def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bool = False) -> dict:
+def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bool = False, timings: dict | None = None) -> dict:
     """Write DIR/corpus/{train,val} and DIR/manifest.json; return the manifest.
+
+    `timings`, when given, receives the wall seconds of each step (read, exact_dedup,
+    minhash, write): the benchmark reads them; the manifest records no times.
 
     Skips the work when DIR/manifest.json already records the same inputs and options.
     Refuses (UserError) an output folder that overlaps a source or holds what prepare did
@@ -256,6 +260,8 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
         Decontaminate(index, counts),
         WritePart(str(parts), counts, opts.max_bytes),
     ]
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
     try:
         QuietLocalExecutor(read, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work / "logs" / "read")).run()
     except UserError:
@@ -268,6 +274,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
             raise UserError(str(cause)) from None
         raise
 
+    timings["read"], clock = time.perf_counter() - clock, time.perf_counter()
     # Counts of every task, then exact dedup across the parts (first copy kept).
     totals: dict = {}
     for r in range(tasks):
@@ -287,11 +294,13 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
                 seen.add(h)
         np.save(parts / f"{r:05d}" / "keep.npy", keep)
     del seen
+    timings["exact_dedup"], clock = time.perf_counter() - clock, time.perf_counter()
 
     remove_dir = None
     if opts.minhash:
         remove_dir = _run_minhash(parts, work, tasks, workers, opts)
         dropped["near_duplicate"] = _counter()
+        timings["minhash"], clock = time.perf_counter() - clock, time.perf_counter()
     weights = [s.weight for s in sources]
     if any(w != 1 for w in weights):
         dropped["weight"] = _counter()
@@ -343,6 +352,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
                         f"the {split} split is empty ({kept['docs']} documents kept, --val-share {opts.val_share}); "
                         "give more documents or change --val-share"
                     )
+    timings["write"] = time.perf_counter() - clock
     written = {s: {"docs": w.n_docs, "bytes": w.n_text_bytes} for s, w in (("train", train), ("val", val))}
 
     manifest = {
