@@ -91,6 +91,19 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+# MLflow's UI colours a run by its hash unless this tag names a colour: two runs of a
+# study then often share one. Runs take the palette's colours in the order they are made.
+RUN_COLOR_TAG = "mlflow.runColor"
+RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+              "#17becf", "#393b79", "#ad494a")
+
+
+def next_run_color(client, experiment_id: str) -> str:
+    """The palette's colour for the experiment's next run (by how many runs it has)."""
+    n = len(client.search_runs([experiment_id], max_results=1000))
+    return RUN_COLORS[n % len(RUN_COLORS)]
+
+
 def get_or_create_experiment(client, name: str) -> str:
     """The experiment's id, created as a model-training experiment when it is new; one of
     ours made before the kind was set gets it now (a kind a user chose is left alone)."""
@@ -328,6 +341,7 @@ class Tracker:
         run_tags = {**system_tags(), "run_dir": str(self.run_dir.resolve()), **tags}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
+        run_tags[RUN_COLOR_TAG] = next_run_color(self.client, experiment_id)
         run = self.client.create_run(experiment_id, run_name=run_name or None)
         self.run_id = run.info.run_id
         log_batched(self.client, self.run_id, params=config_params(cfg_dict), tags=run_tags)

@@ -21,6 +21,7 @@ from bytelm.config import read_yaml_mapping
 from bytelm.errors import UserError
 from bytelm.fileio import read_jsonl, write_json
 from bytelm.tracking import (
+    RUN_COLOR_TAG,
     config_id,
     config_params,
     get_or_create_experiment,
@@ -28,6 +29,7 @@ from bytelm.tracking import (
     log_batched,
     metric_entities,
     mlflow_client,
+    next_run_color,
     pending_eval_metrics,
     read_mlflow_json,
     set_mlflow_status,
@@ -79,6 +81,7 @@ def import_run_dir(run_dir: Path, experiment: str | None = None, parent_run_id: 
     if parent and _run_exists(client, parent):
         tags["mlflow.parentRunId"] = parent
 
+    tags[RUN_COLOR_TAG] = next_run_color(client, experiment_id)
     run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     mlflow_info = {"tracking_uri": client.tracking_uri, "experiment_id": experiment_id, "run_id": run_id}
     write_json(run_dir / "mlflow.json", {**mlflow_info, "importing": True})

@@ -84,7 +84,19 @@ def test_bench_writes_rows_and_logs_to_mlflow(run_dir):
     assert metrics["spec/code/b1/k2/tokens_per_forward"] == pytest.approx(rows[1]["tokens_per_forward"])
     assert "spec/code/b3/k1/speedup" in metrics and "spec/code/b1/k4/bytes_per_s" in metrics
     artifacts = [a.path for a in client.list_artifacts(info["run_id"])]
-    assert "bench.json" in artifacts
+    assert "bench.json" in artifacts and "bench.png" in artifacts  # the JSON and the run's own plot
+    # the legend under the table; every repeat's wall time, the spread and the load
+    assert "columns:" in p.stdout and "flags " in p.stdout
+    assert all(len(r["repeat_wall_s"]) == 1 and r["wall_spread"] == 0 and r["load_avg"] >= 0 for r in rows)
+    assert "load_avg_before" in result["setup"] and "cores" in result["setup"]
+    # speedup against heads used as one curve per batch size (step = heads), and the run's
+    # headline speedups from the rows not flagged
+    curve = client.get_metric_history(info["run_id"], "speedup/code/b1")
+    assert sorted((m.step, m.value) for m in curve) == [(r["heads_used"], pytest.approx(r["speedup"]))
+                                                        for r in rows if r["batch_size"] == 1]
+    for b in (1, 3):
+        good = [r["speedup"] for r in rows if r["batch_size"] == b and r["heads_used"] > 1 and not r["flags"]]
+        assert metrics.get(f"summary/speedup_b{b}") == (pytest.approx(max(good)) if good else None)
 
 
 @pytest.mark.slow

@@ -138,3 +138,4 @@ def test_prompts_longer_than_the_context(tmp_path, monkeypatch, capsys):
                                      for r in results)
     assert summary["metrics"]["eval/humaneval/problems_in_task"] == 164
     assert summary["metrics"]["eval/humaneval/samples_generated"] == 4
+    assert summary["metrics"]["summary/pass_at_1_humaneval"] == summary["metrics"]["pass_at_1/humaneval/best"]

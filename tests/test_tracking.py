@@ -193,3 +193,5 @@ def test_experiments_open_as_training_runs_and_params_are_what_ran(tmp_path, cli
     _, r1 = run("s1", {"train": {"seed": 1}})
     _, r2 = run("long", {"train": {"seed": 0}, "model": {"n_future": 4, "head_type": "unembed", "context": 512}})
     assert r0.data.tags["config_id"] == r1.data.tags["config_id"] != r2.data.tags["config_id"]
+    # each run its own colour in MLflow's charts
+    assert len({r.data.tags["mlflow.runColor"] for r in (r0, r1, r2)}) == 3
