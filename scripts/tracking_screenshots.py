@@ -1,7 +1,7 @@
 """Screenshots of a study's MLflow workspace for docs/tracking.md, taken in headless
 Chromium (Debian's `chromium` package; Playwright drives it, without a browser of its own).
 
-    apt-get install -y chromium && .venv/bin/pip install playwright
+    apt-get install -y chromium && .venv/bin/pip install -e ".[docs]"
     .venv/bin/python scripts/tracking_screenshots.py --experiment smoke --out docs/img/tracking
 
 It starts `mlflow server` on 127.0.0.1 for the store ($MLFLOW_TRACKING_URI, else
@@ -85,7 +85,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="smoke")
     p.add_argument("--out", type=Path, default=Path("docs/img/tracking"))
-    p.add_argument("--width", type=int, default=1400)
+    p.add_argument("--width", type=int, default=1500)
     p.add_argument("--height", type=int, default=800)
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
@@ -110,8 +110,10 @@ def main() -> None:
             for i in range(expand.count()):
                 expand.nth(i).click()
                 settle(page, 1)
-            # the summary metrics as columns
+            # the summary metrics as columns, in place of attributes a study does not use
             page.get_by_role("button", name="Columns").click()
+            for attribute in ("Dataset", "Source", "Models"):
+                page.get_by_text(attribute, exact=True).last.click()
             page.get_by_placeholder("Search columns").fill("summary/")
             settle(page, 2)
             names = page.locator(".du-bois-light-tree-title")
