@@ -100,8 +100,8 @@ def config_params(runs: pd.DataFrame) -> pd.DataFrame:
     from bytelm.tracking import IDENTITY_SKIP
 
     defaults = _config_defaults()
-    cols = [c for c in runs.columns if c.startswith("params.") and not c[len("params."):].startswith(IDENTITY_SKIP)]
-    keys = sorted({c[len("params."):] for c in cols} | {k for k in defaults if not k.startswith(IDENTITY_SKIP)})
+    # config keys only: a sweep's stage settings (stage.*) are params too, but not the config
+    keys = sorted(k for k in defaults if not k.startswith(IDENTITY_SKIP))
     out = pd.DataFrame(index=runs.index)
     for k in keys:
         col = runs.get(f"params.{k}")
