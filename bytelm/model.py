@@ -420,13 +420,18 @@ class ModelCache(nn.Module):
         self.trunk = nn.ModuleList(trunk)
         self.heads = nn.ModuleList(heads) if heads else None
 
+    def _first(self) -> KVCache:
+        # A model whose head blocks took every layer (transformer heads, match_params) has
+        # an empty trunk; its head caches have the same shape.
+        return next(iter(self.trunk), None) or self.heads[0]
+
     @property
     def batch_size(self) -> int:
-        return self.trunk[0].k.shape[0] if len(self.trunk) else 0
+        return self._first().k.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.trunk[0].k.shape[2]
+        return self._first().k.shape[2]
 
 
 class MTPTransformer(nn.Module):
