@@ -427,7 +427,7 @@ def test_one_sweep_per_folder_and_stages_die_with_a_killed_sweep(smoke_data, tmp
     import socket
     import time
 
-    from bytelm.sweep.runner import SweepLock
+    from bytelm.folderlock import lock_folder
 
     spec = write_spec(tmp_path / "s.yaml", grid={"vocab": ["bytes"], "n": [1], "seed": [0]},
                       set={**TINY, "train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000})
@@ -443,7 +443,7 @@ def test_one_sweep_per_folder_and_stages_die_with_a_killed_sweep(smoke_data, tmp
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert r.returncode == 2 and len(lines) == 1, r.stderr
-        assert f"in use by another bytelm sweep (pid {first.pid} on {socket.gethostname()})" in lines[0]
+        assert f"in use by `bytelm sweep` (pid {first.pid} on host {socket.gethostname()}" in lines[0]
         first.send_signal(signal.SIGKILL)
         first.wait()
         deadline = time.monotonic() + 300
@@ -453,7 +453,7 @@ def test_one_sweep_per_folder_and_stages_die_with_a_killed_sweep(smoke_data, tmp
     finally:
         if first.poll() is None:
             first.kill()
-    with SweepLock(tmp_path / "out"):  # the dead sweep's lock is not held
+    with lock_folder(tmp_path / "out", "bytelm sweep"):  # the dead sweep's lock is not held
         pass
 
 

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from bytelm.errors import UserError
+from bytelm.folderlock import lock_folder
 from bytelm.sweep.plan import RunPlan, plan_sweep
-from bytelm.sweep.runner import RunResult, SweepLock, SweepRunner
+from bytelm.sweep.runner import RunResult, SweepRunner
 from bytelm.sweep.spec import SweepSpec, load_spec, run_overrides
 from bytelm.units import PEAK_FLOPS, human
 
@@ -182,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     if args.cancel:
         if spec.launcher != "slurm":
             raise UserError("--cancel stops a study's Slurm jobs; a local sweep stops with its process (Ctrl-C)")
-        with SweepLock(out):
+        with lock_folder(out, "bytelm sweep"):
             ids = launcher.cancel([runner.config_jobs(p, 1, write=False) for p in plans])
         print(f"cancelled {len(ids)} Slurm job(s){': ' + ' '.join(ids) if ids else ''}")
         return 0
@@ -195,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     slots = min(len(devices), len(plans))
     where = f"devices {', '.join(devices)}" if spec.launcher == "local" else "Slurm"
     _log(f"sweep {spec.name}: {len(plans)} run(s), stages {', '.join(stages or spec.stages)}, on {where}; output {out}")
-    with SweepLock(out):
+    with lock_folder(out, "bytelm sweep"):
         if spec.launcher == "local":
             configs = [runner.config_jobs(p, slots, write=False) for p in plans]
             launcher.progress = Progress(plans, configs, parallel=len(set(devices)))

@@ -7,19 +7,17 @@ the launcher, and summary.json.
     out/runs/<run>/stages/<stage>.json       its marker once it ended (bytelm/sweep/state.py)
     out/runs/<run>/logs/<stage>.log
 
-One `bytelm sweep` at a time works on a folder: it holds out/.sweep.lock (a lock the
-operating system drops when its process dies, so a killed sweep leaves none behind).
+One `bytelm sweep` at a time works on a folder: it holds the folder's lock
+(`bytelm.folderlock`, which the operating system drops when its process dies, so a killed
+sweep leaves none behind).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bytelm.errors import UserError
 from bytelm.fileio import write_json
 from bytelm.sweep.launcher import ConfigJobs, Launcher, StageJob
 from bytelm.sweep.plan import RunPlan
@@ -42,38 +40,6 @@ def merge_by_name(earlier: list[dict], now: list[dict]) -> list[dict]:
     now_by_name = {r["name"]: r for r in now}
     kept = [now_by_name.pop(r["name"], r) for r in earlier]
     return kept + list(now_by_name.values())
-
-
-class SweepLock:
-    """out/.sweep.lock, held while a sweep works on the folder; the holder's pid and host
-    are written beside it for the message a second sweep prints."""
-
-    def __init__(self, out: Path):
-        from filelock import FileLock
-
-        self.out = out
-        self.lock = FileLock(str(out / ".sweep.lock"))
-        self.holder = out / ".sweep.lock.holder"
-
-    def __enter__(self):
-        from filelock import Timeout
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        try:
-            self.lock.acquire(timeout=0)
-        except Timeout:
-            try:
-                who = json.loads(self.holder.read_text())
-                by = f"pid {who['pid']} on {who['host']}"
-            except (OSError, ValueError, KeyError):
-                by = "another process"
-            raise UserError(f"{self.out} is in use by another bytelm sweep ({by}); wait for it or stop it") from None
-        write_json(self.holder, {"pid": os.getpid(), "host": socket.gethostname()})
-        return self
-
-    def __exit__(self, *exc):
-        self.holder.unlink(missing_ok=True)
-        self.lock.release()
 
 
 class SweepRunner:
