@@ -7,7 +7,7 @@ Chromium (Debian's `chromium` package; Playwright drives it, without a browser o
 It starts `mlflow server` on 127.0.0.1 for the store ($MLFLOW_TRACKING_URI, else
 ./mlflow.db), opens the experiment as a model-training workspace, and saves: the runs
 table with the sweep expanded and its summary metrics as columns (runs.png), the chart
-view comparing runs (charts.png), one child run's metrics and params (run.png), its
+view comparing runs (charts.png), one child run's summary metrics and tags (run.png), its
 speedup-against-heads curve (curve.png) and one of its plots (plot.png).
 """
 
@@ -136,6 +136,8 @@ def main() -> None:
                 page.get_by_text("Metrics").first.wait_for(timeout=120_000)
                 settle(page)
                 close_assistant(page)
+                page.get_by_placeholder("Search metrics").fill("summary/")
+                settle(page, 2)
                 page.screenshot(path=str(args.out / "run.png"))
                 page.goto(f"{base}/runs/{child}/model-metrics?workflowType=machine_learning")
                 settle(page, 8)
