@@ -91,7 +91,7 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
                 "--device", "cpu", "--attention", "sparse", "--json", str(bad)])
     assert e.value.code == 2 and not bad.exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("bytelm eval: error: attention backend must be one of auto, efficient, math, cudnn, flex, "
+    assert err[-1] == ("bytelm eval: error: --attention must be one of auto, efficient, math, cudnn, flex, "
                        "got 'sparse'")
 
 
