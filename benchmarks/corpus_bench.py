@@ -85,8 +85,8 @@ def make_corpus(folder: Path, size_bytes: int, seed: int = 0) -> dict:
     return {"bytes": total, "docs": n, "planted_exact_copies": exact, "planted_near_copies": near, "files": file_i}
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
+def tree_rss(pid: int) -> tuple[int, set[int]]:
+    """Resident bytes of a process and all its descendants, and their pids."""
     total, stack, seen = 0, [pid], set()
     children: dict[int, list[int]] = {}
     for p in os.listdir("/proc"):
@@ -110,24 +110,33 @@ def tree_rss(pid: int) -> int:
         except OSError:
             pass
         stack += children.get(p, [])
-    return total
+    return total, seen
 
 
 def run_measured(code: str) -> dict:
-    """Run `code` in a fresh Python; return its JSON result plus peak tree RSS and load."""
-    import resource
-
+    """Run `code` in a fresh Python; return its JSON result plus peak tree RSS, the tree's
+    CPU seconds (summed over every process seen, as last sampled: a process's final
+    0.2 s may be missed) and the load average."""
     load_before = os.getloadavg()
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     peak = 0
+    cpu: dict[int, float] = {}
     done = threading.Event()
+    tick = os.sysconf("SC_CLK_TCK")
 
     def sample():
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            rss, pids = tree_rss(proc.pid)
+            peak = max(peak, rss)
+            for p in pids:
+                try:
+                    with open(f"/proc/{p}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    cpu[p] = (int(fields[11]) + int(fields[12])) / tick
+                except (OSError, IndexError, ValueError):
+                    pass
             time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -138,14 +147,7 @@ def run_measured(code: str) -> dict:
     if proc.returncode:
         raise SystemExit(f"benchmark step failed ({proc.returncode}):\n{code}")
     result = json.loads(out.strip().splitlines()[-1])
-    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result.update(
-        peak_tree_rss_mb=peak / 2**20,
-        loadavg_before=load_before,
-        loadavg_after=os.getloadavg(),
-        # the subprocess and the descendants it waited for (datatrove's pool workers)
-        cpu_seconds=(cpu.ru_utime + cpu.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
-    )
+    result.update(peak_tree_rss_mb=peak / 2**20, loadavg_before=load_before, loadavg_after=os.getloadavg(), cpu_seconds=sum(cpu.values()))
     return result
 
 
@@ -207,7 +209,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[250, 2048])
     p.add_argument("--minhash-mb", type=int, default=250, help="the size (one of --sizes-mb) also run with --minhash")
-    p.add_argument("--bpe-mb", type=int, default=64, help="bytes of the train split the BPE is trained on and encodes")
+    p.add_argument("--bpe-mb", type=int, default=64, help="MB of the smallest size's train split the BPE is trained on and encodes (0: no BPE run)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--tmp", default="/tmp/corpus_bench")
     p.add_argument("--json", required=True)
@@ -230,7 +232,7 @@ def main() -> None:
             run["corpus"] = run_measured(CORPUS.format(repo=repo, out=str(out), src=str(src / "*.parquet"), minhash=minhash, workers=args.workers))
             if not minhash:
                 run["bytes_shards"] = run_measured(BYTES.format(repo=repo, out=str(out)))
-                if mb == min(args.sizes_mb):
+                if mb == min(args.sizes_mb) and args.bpe_mb:
                     run["bpe"] = run_measured(BPE.format(repo=repo, out=str(out), bpe_bytes=args.bpe_mb * 2**20))
             results["runs"].append(run)
             shutil.rmtree(out, ignore_errors=True)
@@ -264,7 +266,7 @@ def main() -> None:
             e = r["bpe"]
             row["BPE train MB/s"] = round(e["bytes"] / 1e6 / e["train_seconds"], 2)
             row["BPE encode MB/s/core"] = round(e["bytes"] / 1e6 / e["encode_seconds"] / args.workers, 2)
-            row["BPE train+encode MB/CPU-s"] = round(2 * e["bytes"] / 1e6 / e["cpu_seconds"], 2)
+            row["BPE CPU-s (train+encode)"] = round(e["cpu_seconds"], 1)
             row["peak RSS MB (BPE)"] = round(e["peak_tree_rss_mb"])
         row["load before/after"] = f"{c['loadavg_before'][0]:.1f}/{c['loadavg_after'][0]:.1f}"
         rows.append(row)
