@@ -54,7 +54,7 @@ from tqdm import tqdm
 from bytelm.errors import UserError
 from bytelm.fileio import check_output, iter_jsonl, write_json
 from bytelm.generate import (ATTENTION_BACKENDS, CACHE_BLOCK, Decoder, Generation, cache_length, cast_for_inference,
-                             encode_prompt)
+                             encode_prompt, inference_device)
 from bytelm.model import MTPTransformer
 from bytelm.paths import STORIES, STORY_SEPARATOR, data_file
 from bytelm.speculative import Sampling
@@ -471,11 +471,7 @@ def main(args) -> int:
     from bytelm.tree import tree_from_spec
     from bytelm.tracking import hardware, log_to_run
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible")
+    device = inference_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     for flag, value in (("--n-prompts", args.n_prompts), ("--repeats", args.repeats), ("--cache-block", args.cache_block),
                         ("--max-new", args.max_new), ("--prompt-len", args.prompt_len)):

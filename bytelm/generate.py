@@ -262,6 +262,18 @@ class Decoder:
 # ----------------------------------------------------------------------------- text API
 
 
+def inference_device(name: str) -> str:
+    """`--device auto|cpu|cuda` of the commands that generate: auto is the GPU when one is
+    visible; cuda without one is the user's mistake, said in one line."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible to this torch build")
+    return name
+
+
 def cast_for_inference(model: MTPTransformer, dtype: torch.dtype) -> MTPTransformer:
     """The model's weights in dtype (bfloat16 on a GPU); the rotary tables stay float32
     (bf16 angles would be off by whole degrees at large positions)."""

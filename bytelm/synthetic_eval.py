@@ -248,16 +248,6 @@ def read_manifest(data: Path, task: str) -> dict:
     return manifest
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is visible here")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return name
-
-
 def _check_tokenizer(tokenizer: Tokenizer, data: Path) -> None:
     """A BPE model must use the data set's BPE: the test names are two tokens under it."""
     if tokenizer.kind != "bpe":
@@ -273,6 +263,7 @@ def evaluate(args) -> int:
     with the best headline test metric (ORACLE_METRICS), logged as oracle/<metric>."""
     from bytelm.checkpoint import (list_checkpoints, load_config, load_model, load_tokenizer_of, read_state,
                                    resolve_checkpoint, run_dir_of)
+    from bytelm.generate import inference_device
     from bytelm.tracking import log_to_run
 
     latest = resolve_checkpoint(args.checkpoint)
@@ -290,7 +281,7 @@ def evaluate(args) -> int:
     manifest = read_manifest(args.data, args.task)
     _check_tokenizer(load_tokenizer_of(latest), args.data)
     tests = _read_tests(args, manifest)
-    device = _device(args.device)
+    device = inference_device(args.device)
     t0 = time.time()
     by_step = []
     for i, ckpt in enumerate(ckpts):

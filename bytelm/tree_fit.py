@@ -71,13 +71,9 @@ def main(args) -> int:
     from bytelm.checkpoint import load_model, resolve_checkpoint
     from bytelm.decode_bench import documents, select_prompts
     from bytelm.fileio import write_json
-    from bytelm.generate import Decoder, cache_length, cast_for_inference, encode_prompt
+    from bytelm.generate import Decoder, cache_length, cast_for_inference, encode_prompt, inference_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible")
+    device = inference_device(args.device)
     for flag, value in (("--nodes", args.nodes - 1), ("--n-prompts", args.n_prompts), ("--max-new", args.max_new),
                         ("--batch-size", args.batch_size), ("--prompt-len", args.prompt_len)):
         if value is not None and value < 1:

@@ -355,13 +355,11 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     import torch
 
     from bytelm.checkpoint import checkpoint_step, load_model, resolve_checkpoint, run_dir_of
-    from bytelm.generate import cast_for_inference
+    from bytelm.generate import cast_for_inference, inference_device
     from bytelm.tracking import log_to_run
     from bytelm.tree import tree_from_spec
 
-    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible to this torch build")
+    device = inference_device(s.device)
     model, tokenizer, _ = load_model(checkpoint, device=device)
     dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     model = cast_for_inference(model, getattr(torch, dtype))
