@@ -84,6 +84,9 @@ class CorpusOptions:
     minhash_rows: int = 8
     minhash_seed: int = 1
     tasks: int = 0  # read tasks (0: TASKS_PER_WORKER per worker, at most one per file)
+    executor: str = "local"  # local | slurm (each stage a job array; the merge runs here)
+    slurm_partition: str | None = None
+    slurm_time: str = "24:00:00"
 
     def check(self) -> None:
         if not 0 < self.val_share < 1:
@@ -99,6 +102,10 @@ class CorpusOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_doc_bytes < 0 or self.tasks < 0:
             raise UserError("--max-doc-bytes and --tasks must be >= 0")
+        if self.executor not in ("local", "slurm"):
+            raise UserError(f"--executor must be local or slurm, got {self.executor!r}")
+        if self.executor == "slurm" and not self.slurm_partition:
+            raise UserError("--executor slurm needs --slurm-partition NAME")
         self.where_filters()
 
     def where_filters(self) -> dict[str, list[str]]:
@@ -127,7 +134,8 @@ def copies(digest: bytes, weight: float, val: bool) -> int:
 
 def corpus_key(opts: CorpusOptions, sources: list[Source], benchmarks: list) -> str:
     """A hash of everything the corpus depends on: options, input files, benchmark files."""
-    options = {k: v for k, v in asdict(opts).items() if k != "tasks"}  # the task count changes nothing
+    # how the work is spread changes nothing in the result
+    options = {k: v for k, v in asdict(opts).items() if k not in ("tasks", "executor", "slurm_partition", "slurm_time")}
     state = {
         "format": MANIFEST_FORMAT,
         "decontamination_rule": RULE_VERSION,
@@ -197,7 +205,7 @@ def _run_minhash(parts: Path, work: Path, tasks: int, workers: int, opts: Corpus
     from datatrove.utils.hashing import HashConfig
     from datatrove.utils.text import TextNormConfig
 
-    from data_prep.pipeline import CodeWords, QuietLocalExecutor, ReadParts
+    from data_prep.pipeline import CodeWords, ReadParts
 
     config = MinhashConfig(
         n_grams=opts.minhash_ngram,
@@ -217,8 +225,29 @@ def _run_minhash(parts: Path, work: Path, tasks: int, workers: int, opts: Corpus
         ([MinhashDedupCluster(str(buckets), str(remove), config=config)], 1),
     ]
     for i, (pipeline, n) in enumerate(stages):
-        QuietLocalExecutor(pipeline, tasks=n, workers=min(workers, n), logging_dir=str(work / "logs" / f"minhash{i + 1}")).run()
+        run_stage(pipeline, n, workers, work / "logs" / f"minhash{i + 1}", opts)
     return remove
+
+
+def run_stage(pipeline: list, tasks: int, workers: int, logging_dir: Path, opts: CorpusOptions) -> None:
+    """Run one datatrove stage to completion: locally, or as a Slurm job array that this
+    process waits for (finished tasks are skipped either way)."""
+    from data_prep.pipeline import QuietLocalExecutor, run_on_slurm
+
+    if opts.executor == "slurm":
+        run_on_slurm(pipeline, tasks, logging_dir, opts.slurm_partition, opts.slurm_time)
+        return
+    try:
+        QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logging_dir)).run()
+    except UserError:
+        raise
+    except Exception as e:  # a task's UserError comes back wrapped by the process pool
+        cause = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise UserError(str(cause)) from None
+        raise
 
 
 def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bool = False, timings: dict | None = None) -> dict:
@@ -232,7 +261,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
     not make (data_prep/outputs.py), and one holding a corpus of other inputs unless
     `overwrite`.
     """
-    from data_prep.pipeline import Decontaminate, FilterDocuments, QuietLocalExecutor, ReadFiles, WritePart, read_part
+    from data_prep.pipeline import Decontaminate, FilterDocuments, ReadFiles, WritePart
 
     opts.check()
     sources = [Source(spec, tuple(opts.globs), opts.text_field, opts.follow_symlinks, opts.on_corrupt) for spec in opts.sources]
@@ -262,17 +291,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
     ]
     timings = {} if timings is None else timings
     clock = time.perf_counter()
-    try:
-        QuietLocalExecutor(read, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work / "logs" / "read")).run()
-    except UserError:
-        raise
-    except Exception as e:  # a task's UserError comes back wrapped by the process pool
-        cause = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise UserError(str(cause)) from None
-        raise
+    run_stage(read, tasks, workers, work / "logs" / "read", opts)
 
     timings["read"], clock = time.perf_counter() - clock, time.perf_counter()
     # Counts of every task, then exact dedup across the parts (first copy kept).

@@ -251,3 +251,46 @@ class QuietLocalExecutor(LocalPipelineExecutor):
     def run(self):
         quiet_datatrove()
         return super().run()
+
+
+def run_on_slurm(pipeline: list, tasks: int, logging_dir: Path, partition: str, time_limit: str, poll_s: float = 2.0) -> None:
+    """Submit the stage as a Slurm job array (datatrove's SlurmPipelineExecutor) and wait
+    until every task has completed; a job that ends with tasks left undone is an error
+    naming the logs. The jobs run this Python (its folder first on PATH) with this
+    process's environment (sbatch exports it)."""
+    import subprocess
+    import sys
+    import time
+
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    from bytelm.errors import UserError
+
+    quiet_datatrove()
+    ex = SlurmPipelineExecutor(
+        pipeline,
+        tasks=tasks,
+        time=time_limit,
+        partition=partition,
+        cpus_per_task=1,
+        mem_per_cpu_gb=2,
+        job_name=f"bytelm-{logging_dir.name}",
+        logging_dir=str(logging_dir),
+        slurm_logs_folder=str(logging_dir / "slurm_logs"),
+        env_command=f"export PATH={Path(sys.executable).parent}:$PATH",
+        requeue_signals=None,
+    )
+    if not ex.get_incomplete_ranks():
+        return
+    try:
+        ex.run()
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        raise UserError(f"sbatch failed for {logging_dir.name}: {e}") from None
+    while ex.get_incomplete_ranks():
+        alive = subprocess.run(["squeue", "-h", "-j", str(ex.job_id)], capture_output=True, text=True).stdout.strip()
+        if not alive and ex.get_incomplete_ranks():
+            raise UserError(
+                f"Slurm job {ex.job_id} ({logging_dir.name}) ended with tasks {ex.get_incomplete_ranks()[:10]} "
+                f"not completed; see {logging_dir}/logs and {logging_dir}/slurm_logs; the same command resumes"
+            )
+        time.sleep(poll_s)

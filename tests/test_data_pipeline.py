@@ -3,9 +3,11 @@ MinHash, the task count, resuming a killed run, and bad input as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -191,6 +193,7 @@ def test_killed_run_resumes_from_finished_tasks(tmp_path):
     opts = CorpusOptions(sources=[str(src)], val_share=0.3, tasks=3)
     pid = os.fork()
     if pid == 0:  # a run killed (as by kill -9) in the middle of task 2's part
+        os.setsid()  # its own process group, so that its helpers die with it below
         try:
             import data_prep.pipeline as pipeline
 
@@ -207,6 +210,8 @@ def test_killed_run_resumes_from_finished_tasks(tmp_path):
         finally:
             os._exit(1)
     assert os.waitpid(pid, 0)[1] >> 8 == 9
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # datatrove's manager process outlives a killed run
     work = next((out / ".work").iterdir())
     assert sorted(p.name for p in (work / "parts").iterdir()) == ["00000", "00001"]
     assert sorted(p.name for p in (work / "logs" / "read" / "completions").iterdir()) == ["00000", "00001"]
@@ -241,3 +246,17 @@ def test_bad_input_through_the_command_line(tmp_path, stack, args, message):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_slurm_executor_gives_the_local_corpus(tmp_path, slurm_cluster, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i:02d}.py").write_text(doc(i % 24))
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster))
+    m = build(tmp_path / "slurm", [src], val_share=0.3, tasks=3, minhash=True, minhash_bands=2, executor="slurm", slurm_partition="debug")
+    local = build(tmp_path / "local", [src], val_share=0.3, tasks=3, minhash=True, minhash_bands=2)
+    assert corpus_docs(tmp_path / "slurm") == corpus_docs(tmp_path / "local")
+    assert m["dropped"] == local["dropped"] and m["dropped"]["duplicate"]["docs"] == 6
+    with pytest.raises(UserError, match="needs --slurm-partition"):
+        build(tmp_path / "x", [src], executor="slurm")
