@@ -208,7 +208,8 @@ def test_bad_input_is_one_line_and_submits_nothing(slurm_cluster, tmp_path):
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stdout + r.stderr
         assert not list((tmp_path / "out").glob("runs/*/stages/*.slurm.json"))
-        assert set(live_jobs(env)) == before
+        # the worker's cluster may still hold an earlier test's job, which can end meanwhile
+        assert set(live_jobs(env)) <= before
 
     refused(write_spec(tmp_path / "g.yaml", tmp_path / "no-data", resources={"gpus": 2}),
             "asks for 2 GPU(s) per node, and the nodes of partition default have at most 0", "--no-mlflow")
