@@ -95,7 +95,8 @@ def test_other_bad_settings_name_their_key():
 
 
 def rows(run_dir):
-    return {r["step"]: r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+    # polled while a trainer writes it: a line cut off mid-append is dropped
+    return {r["step"]: r for r in read_jsonl(Path(run_dir) / "metrics.jsonl", appending=True) if "loss" in r}
 
 
 def test_a_forward_curriculums_head_1_stage_is_an_n1_run(smoke_data, tmp_path):
