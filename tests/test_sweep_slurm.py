@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from bytelm.fileio import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke.yaml"
 TINY = {"model.n_layers": 3, "model.d_model": 32, "model.n_heads": 2, "model.context": 64, "train.batch_size": 4,
@@ -68,9 +70,11 @@ def live_jobs(env: dict) -> dict[str, str]:
     return dict(line.split("|") for line in r.stdout.split())
 
 
-def last_row(run_dir: Path) -> dict:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [r for r in rows if "loss" in r][-1]
+def last_row(run_dir: Path) -> dict | None:
+    """The last training row of a run's metrics, or None before the first. The run may be
+    appending to the file as we read (a cut-off last line is not a row yet)."""
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl", appending=True) if "loss" in r]
+    return rows[-1] if rows else None
 
 
 def table(report_dir: Path) -> pd.DataFrame:
@@ -148,7 +152,7 @@ def test_a_training_job_interrupted_by_slurm_resumes_to_the_uninterrupted_loss(s
     job = job_id(hit, "train")
 
     def at_step(n):
-        return lambda: (hit / "metrics.jsonl").is_file() and last_row(hit)["step"] >= n and live_jobs(env).get(job) == "RUNNING"
+        return lambda: (row := last_row(hit)) is not None and row["step"] >= n and live_jobs(env).get(job) == "RUNNING"
 
     wait_for("training past step 7", at_step(7), every=0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
