@@ -20,7 +20,7 @@ from bytelm.paths import config_path
 from bytelm.sweep.local import device_env, resolve_devices
 from bytelm.sweep.plan import plan_sweep
 from bytelm.sweep.spec import expand_grid, load_spec
-from bytelm.sweep.stages import stage_commands
+from bytelm.sweep.stages import stage_commands, stage_params
 
 SMOKE_CONFIG = config_path("configs/smoke.yaml")
 # a model small enough that a trainer subprocess is mostly its start-up
@@ -488,3 +488,54 @@ def test_slurm_scripts_and_multi_node_training_commands(tmp_path):
     script = launcher.script(config, ev)  # evaluation: one GPU on one node, no requeue
     assert "#SBATCH --nodes=1" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH --time=0:30:00" in script
     assert "--requeue" not in script and ev.commands[0][1:4] == ["-m", "bytelm", "eval"]
+
+
+def test_bench_per_batch_prompt_counts_and_trees_fitted_first(tmp_path):
+    """bench.n_prompts gives each batch size its own prompts (and JSON); bench.trees runs
+    tree-fit for the largest tree first and benchmarks the trees beside the chains, cut to
+    the trees a model's heads can fill (n = 2: one draft of 10 candidates, 11 nodes)."""
+    bench = {"heads": [1, 2, 4, 8], "n_prompts": {1: 16, 16: 240}, "trees": [8, 16, 64], "prompts": ["code"],
+             "tree_fit_args": ["--n-prompts", "32"], "args": ["--cuda-graphs"]}
+    spec = load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "bench"], bench=bench,
+                                grid={"vocab": {"bytes": {"n": [1, 2, 8], "head_type": "unembed"}}, "seed": [0]}))
+    cmds = {p.n_future: stage_commands(spec, p, tmp_path / p.name, parent_run_id=None, use_mlflow=False)["bench"]
+            for p in plan_sweep(spec)}
+
+    def flag(cmd, name):
+        return cmd[cmd.index(name) + 1] if name in cmd else None
+
+    assert [c[3] for c in cmds[1]] == ["decode-bench", "decode-bench"]  # n = 1: no tree to fit
+    assert [(flag(c, "--heads"), flag(c, "--tree")) for c in cmds[1]] == [("1", None), ("1", None)]
+    fit, *benches = cmds[8]
+    assert fit[3] == "tree-fit" and flag(fit, "--nodes") == "64" and flag(fit, "--n-prompts") == "32"
+    assert [(flag(c, "--batch-sizes"), flag(c, "--n-prompts"), flag(c, "--tree"), Path(flag(c, "--json")).name)
+            for c in benches] == [("1", "16", "8,16,64", "decode_code_b1.json"), ("16", "240", "8,16,64", "decode_code_b16.json")]
+    assert all(flag(c, "--heads") == "1,2,4,8" and "--cuda-graphs" in c for c in benches)
+    assert flag(cmds[2][0], "--nodes") == "8" and flag(cmds[2][1], "--tree") == "8" and flag(cmds[2][1], "--heads") == "1,2"
+    params = stage_params(spec, plan_sweep(spec)[1], "bench")
+    assert params["stage.bench.trees"] == "8" and params["stage.bench.n_prompts"] == "b1:16,b16:240"
+    assert params["stage.bench.batch_sizes"] == "1,16"
+    for bad, message in (({"n_prompts": {1: 16}, "batch_sizes": [1, 16]}, "names batch sizes"),
+                         ({"n_prompts": {"x": 1}}, "keys are batch sizes"), ({"n_prompts": {1: 0}}, "must be ≥ 1"),
+                         ({"trees": [1]}, "node counts ≥ 2")):
+        with pytest.raises(UserError, match=message):
+            load_spec(write_spec(tmp_path / "s.yaml", stages=["train", "bench"], bench=bad))
+
+
+def test_a_grid_choice_or_include_brings_its_own_base_config(tmp_path):
+    """`base:` in a grid choice (one config per model size) or an include: the plan checks
+    and counts that config, and the run trains from it; the spec's base elsewhere."""
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({"model": {"n_layers": 2, "d_model": 16, "n_heads": 2}}))
+    grid = {"size": {"spec": {}, "small": {"base": "small.yaml"}}, "n": [1], "seed": [0]}
+    include = [{"size": {"small": {}}, "n": 2, "seed": 0, "base": "small.yaml", "name": "small-n2"}]
+    spec = load_spec(write_spec(tmp_path / "s.yaml", grid=grid, include=include))
+    plans = {p.name: p for p in plan_sweep(spec, ["model.context=64"])}
+    assert {n: Path(p.base).name for n, p in plans.items()} == {"spec-n1-s0": SMOKE_CONFIG.name,
+                                                                "small-n1-s0": "small.yaml", "small-n2": "small.yaml"}
+    train = stage_commands(spec, plans["small-n1-s0"], tmp_path / "r", parent_run_id=None, use_mlflow=False)["train"][0]
+    assert train[train.index("--config") + 1] == str(small)
+    with pytest.raises(UserError, match="base config .*missing.yaml not found"):
+        plan_sweep(load_spec(write_spec(tmp_path / "s.yaml", grid={"size": {"x": {"base": "missing.yaml"}}})))
+    with pytest.raises(UserError, match="different base configs"):
+        expand_grid({"size": {"a": {"base": "a.yaml"}}, "arm": {"b": {"base": "b.yaml"}}})

@@ -43,7 +43,8 @@ def print_plan(spec: SweepSpec, plans: list[RunPlan], devices: list[str], out: P
         rows.append([p.name, p.grid.get("vocab", ""), p.n_future, p.grid.get("head_type", ""), p.steps,
                      p.resources.gpus * p.resources.nodes, human(p.params), human(p.train_bytes, "B"),
                      human(p.train_flops), f"{secs / 60:.1f}" if secs else "?"])
-    print(f"sweep {spec.name}: {len(plans)} runs of {spec.base}, stages {', '.join(spec.stages)}, match by {spec.match.by}")
+    bases = ", ".join(dict.fromkeys(p.base for p in plans)) or str(spec.base)
+    print(f"sweep {spec.name}: {len(plans)} runs of {bases}, stages {', '.join(spec.stages)}, match by {spec.match.by}")
     print(f"output {out}; MLflow {'experiment ' + repr(spec.experiment) + ' at ' + uri if use_mlflow else 'off (run dirs only)'}; "
           f"launcher {spec.launcher}" + (f", devices {', '.join(devices)}" if spec.launcher == "local" else ""))
     print(tabulate(rows, headers=["run", "vocab", "n", "head", "steps", "gpus", "params", "train bytes", "train FLOPs",

@@ -23,6 +23,7 @@ class RunPlan:
     n_future: int
     steps: int
     data_root: str
+    base: str = ""  # the base config `bytelm train --config` reads (the spec's, or its grid choice's)
     resources: Resources = field(default_factory=Resources)
     eval: dict = field(default_factory=dict)  # the run's eval.* config (what `bytelm eval` reads)
     vocab_size: int | None = None
@@ -64,11 +65,13 @@ def _choices(spec: SweepSpec) -> list[tuple[Choice, str | None]]:
         name = entry.pop("name", None)
         sets = dict(entry.pop("set", None) or {})
         res = dict(entry.pop("resources", None) or {})
+        base = entry.pop("base", None)
         expanded = expand_choices(entry, f"include[{i}]")
         if len(expanded) != 1:
             raise UserError(f"sweep spec: include[{i}] must name one configuration (one value per axis)")
         c = expanded[0]
-        out.append((Choice(c.values, {**c.overrides, **sets}, {**c.resources, **res}), name))
+        base = c.base if base is None else str(base)
+        out.append((Choice(c.values, {**c.overrides, **sets}, {**c.resources, **res}, base), name))
     return out
 
 
@@ -84,13 +87,16 @@ def plan_sweep(spec: SweepSpec, cli_overrides: list[str] = (), only: str | None 
         if not SAFE_NAME.fullmatch(name):
             raise UserError(f"sweep spec: run name {name!r} must be a plain folder name (letters, digits, . _ + = -)")
         items = [f"{k}={v}" for k, v in {**spec.set, **choice.overrides}.items()] + list(cli_overrides)
+        base = spec.base if choice.base is None else (spec.path.parent / choice.base).resolve()
+        if not base.is_file():
+            raise UserError(f"sweep run {name}: base config {base} not found")
         try:
-            cfg = load_config(spec.base, items)
+            cfg = load_config(base, items)
         except UserError as e:
             raise UserError(f"sweep run {name}: {e}") from None
         resources = parse_resources(choice.resources, f"sweep run {name}: resources", spec.resources)
         plan = RunPlan(name=name, grid=values, overrides=items, n_future=cfg.model.n_future, steps=cfg.train.steps,
-                       data_root=cfg.data.root, resources=resources, eval=to_dict(cfg)["eval"],
+                       data_root=cfg.data.root, base=str(base), resources=resources, eval=to_dict(cfg)["eval"],
                        tokens_per_step=cfg.train.batch_size * cfg.model.context)
         meta = _shard_meta(cfg)
         if meta is not None:

@@ -116,7 +116,7 @@ class SweepRunner:
                    "requeue": stage == "train", "expand_env": self.launcher.expand_env, "params": stage_params(self.spec, plan, stage),
                    "env": {"MLFLOW_TRACKING_URI": self.uri} if self.uri else {},
                    "mlflow": {"experiment": self.spec.experiment, "parent_run_id": self.parent_run_id,
-                              "tags": run_tags(self.spec, plan), "base": str(self.spec.base),
+                              "tags": run_tags(self.spec, plan), "base": plan.base,
                               "overrides": plan.overrides} if self.use_mlflow else None}
             if stage == "train":
                 planned = {"plan/steps": plan.steps}

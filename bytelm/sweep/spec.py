@@ -56,6 +56,13 @@ class BenchBlock:
     batch_sizes: list[int] | None = None
     max_new: int | None = None
     prompts: list[str] | None = None  # one benchmark per prompt set
+    # batch size -> prompts: one benchmark per batch size, each with its own prompt count
+    # (e.g. 16 prompts at batch 1, a queue of 240 at batch 16); the batch sizes are its keys
+    n_prompts: dict | None = None
+    # trees of draft candidates (node counts, `--tree`): `bytelm tree-fit` runs first, for
+    # the largest tree the model's heads allow; the counts a model's heads cannot fill are cut
+    trees: list[int] | None = None
+    tree_fit_args: list[str] = field(default_factory=list)  # more `bytelm tree-fit` flags
     args: list[str] = field(default_factory=list)
 
 
@@ -211,6 +218,26 @@ def parse_resources(raw, where: str, base: Resources) -> Resources:
     return r
 
 
+def _prompts_per_batch(raw: dict, batch_sizes: list[int] | None, where: str) -> dict[int, int]:
+    """bench.n_prompts: a mapping batch size -> prompts, both integers ≥ 1; the batch sizes
+    are its keys (bench.batch_sizes, if given too, must be the same)."""
+    out = {}
+    for b, n in raw.items():
+        try:
+            b, n = int(b), _check_type(n, int, f"{where}.{b}")
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: keys are batch sizes (integers), got {b!r}") from None
+        if b < 1 or n < 1:
+            raise UserError(f"{where}: batch sizes and prompt counts must be ≥ 1, got {b}: {n}")
+        out[b] = n
+    if not out:
+        raise UserError(f"{where} must map at least one batch size to its number of prompts")
+    if batch_sizes is not None and sorted(batch_sizes) != sorted(out):
+        raise UserError(f"{where} names batch sizes {sorted(out)} but bench.batch_sizes is {sorted(batch_sizes)}: "
+                        "give one of them, or the same sizes in both")
+    return dict(sorted(out.items()))
+
+
 # ----------------------------------------------------------------------------- loading
 
 SPEC_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"path"}
@@ -296,6 +323,10 @@ def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> SweepSpec:
             raise UserError(f"{where}: bench.{key} must be a non-empty list of integers ≥ 1")
     if bench.max_new is not None and bench.max_new < 1:
         raise UserError(f"{where}: bench.max_new must be ≥ 1, got {bench.max_new}")
+    if bench.n_prompts is not None:
+        bench.n_prompts = _prompts_per_batch(bench.n_prompts, bench.batch_sizes, f"{where}: bench.n_prompts")
+    if bench.trees is not None and (not bench.trees or min(bench.trees) < 2):
+        raise UserError(f"{where}: bench.trees must be a non-empty list of node counts ≥ 2 (the root and a candidate)")
     synth = typed(SynthBlock, raw.get("synth"), f"{where}: synth")
     if "synth" in stages and not synth.task:
         raise UserError(f"{where}: the synth stage needs synth: {{task: induction|poly}}")
@@ -331,6 +362,13 @@ class Choice:
     values: dict
     overrides: dict
     resources: dict = field(default_factory=dict)  # raw `resources:` keys, applied over the spec's
+    base: str | None = None  # its own base config (relative to the spec file); None = the spec's
+
+
+def _one_base(a: str | None, b: str | None, where: str) -> str | None:
+    if a is not None and b is not None and a != b:
+        raise UserError(f"sweep spec {where}: two grid choices give a configuration different base configs ({a}, {b})")
+    return a if a is not None else b
 
 
 def expand_grid(grid: dict, where: str = "grid") -> list[tuple[dict, dict]]:
@@ -340,8 +378,9 @@ def expand_grid(grid: dict, where: str = "grid") -> list[tuple[dict, dict]]:
 
 def expand_choices(grid: dict, where: str = "grid") -> list[Choice]:
     """All configurations of a grid. An axis is a list of values (a scalar is a list of
-    one), or a mapping from each value to a body: its `set:` overrides, its `resources:`
-    and any further axes (a sub-grid that applies to that value only)."""
+    one), or a mapping from each value to a body: its `set:` overrides, its `resources:`,
+    its `base:` config (e.g. one per model size) and any further axes (a sub-grid that
+    applies to that value only)."""
     combos = [Choice({}, {})]
     for axis, spec in grid.items():
         key = _config_key(axis)
@@ -351,11 +390,13 @@ def expand_choices(grid: dict, where: str = "grid") -> list[Choice]:
                 body = dict(body or {})
                 sets = dict(body.pop("set", None) or {})
                 res = dict(body.pop("resources", None) or {})
+                base = body.pop("base", None)
+                base = None if base is None else str(base)
                 if key:
                     sets[key] = value
                 for sub in expand_choices(body, f"{where}.{axis}.{value}"):
                     options.append(Choice({axis: value, **sub.values}, {**sets, **sub.overrides},
-                                          _merge(res, sub.resources)))
+                                          _merge(res, sub.resources), _one_base(base, sub.base, f"{where}.{axis}.{value}")))
         else:
             if key is None:
                 raise UserError(
@@ -366,7 +407,8 @@ def expand_choices(grid: dict, where: str = "grid") -> list[Choice]:
                 options.append(Choice({axis: value}, {key: value}))
         if not options:
             raise UserError(f"sweep spec {where}: axis '{axis}' has no values")
-        combos = [Choice({**a.values, **b.values}, {**a.overrides, **b.overrides}, _merge(a.resources, b.resources))
+        combos = [Choice({**a.values, **b.values}, {**a.overrides, **b.overrides}, _merge(a.resources, b.resources),
+                         _one_base(a.base, b.base, f"{where}.{axis}"))
                   for a, b in itertools.product(combos, options)]
     return combos
 

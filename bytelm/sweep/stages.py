@@ -28,7 +28,7 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
     cores // slots), so that no evaluation's decoding loop starves behind another's."""
     tracking = [f"tracking.experiment={spec.experiment}", f"tracking.run_name={plan.name}",
                 f"tracking.mlflow={'true' if use_mlflow else 'false'}"]
-    train = bytelm_cmd("train", "--config", str(spec.base), "--run-dir", str(run_dir))
+    train = bytelm_cmd("train", "--config", plan.base, "--run-dir", str(run_dir))
     for o in [*plan.overrides, *tracking]:
         train += ["--set", o]
     for k, v in run_tags(spec, plan).items():
@@ -55,20 +55,48 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
                                    "--json", str(run_dir / "eval" / f"{task}.json"), *flags, *args)
                         for task in effective_eval(spec, plan)["tasks"]]
     if "bench" in spec.stages:
-        b = spec.bench
-        bench = bytelm_cmd("decode-bench", "--checkpoint", str(run_dir))
-        if b.batch_sizes is not None:
-            bench += ["--batch-sizes", _fmt(b.batch_sizes)]
-        # the spec's list cut to the heads this model has, else decode-bench's 1, 2, 4, ..., n;
-        # an n = 1 model runs plain decoding alone (its throughput)
-        if b.heads is not None or plan.n_future == 1:
-            bench += ["--heads", _fmt([h for h in (b.heads or [1]) if h <= plan.n_future] or [1])]
-        if b.max_new is not None:
-            bench += ["--max-new", str(b.max_new)]
-        # one benchmark per prompt set (the paper's code vs text comparison), each its own JSON
-        prompts = [["--prompts", p] for p in b.prompts] if b.prompts is not None else [[]]
-        cmds["bench"] = [[*bench, *p, *map(str, b.args)] for p in prompts]
+        cmds["bench"] = bench_commands(spec, plan, run_dir)
     return {s: cmds[s] for s in STAGES if s in cmds}
+
+
+def tree_sizes(spec: SweepSpec, n_future: int) -> list[int]:
+    """The spec's tree sizes that a model of n_future heads can fill: a tree holds at most
+    the paths of up to n-1 drafts of MAX_RANK candidates each (none for n = 1)."""
+    from bytelm.tree import MAX_RANK
+
+    most = 1 + sum(MAX_RANK ** d for d in range(1, n_future))
+    return [t for t in spec.bench.trees or [] if t <= most] if n_future > 1 else []
+
+
+def bench_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path) -> list[list[str]]:
+    """decode-bench once per prompt set (and per batch size where `n_prompts` gives each
+    its own prompt count), after `bytelm tree-fit` where the spec asks for trees."""
+    b = spec.bench
+    bench = bytelm_cmd("decode-bench", "--checkpoint", str(run_dir))
+    # the spec's list cut to the heads this model has, else decode-bench's 1, 2, 4, ..., n;
+    # an n = 1 model runs plain decoding alone (its throughput)
+    if b.heads is not None or plan.n_future == 1:
+        bench += ["--heads", _fmt([h for h in (b.heads or [1]) if h <= plan.n_future] or [1])]
+    if b.max_new is not None:
+        bench += ["--max-new", str(b.max_new)]
+    trees = tree_sizes(spec, plan.n_future)
+    cmds = []
+    if trees:  # the tree file the benchmark reads, fitted to this checkpoint's weights
+        cmds.append(bytelm_cmd("tree-fit", "--checkpoint", str(run_dir), "--nodes", str(max(trees)),
+                               *map(str, b.tree_fit_args)))
+        bench += ["--tree", _fmt(trees)]
+    # one benchmark per prompt set (the paper's code vs text comparison), each its own JSON
+    for p in b.prompts if b.prompts is not None else [None]:
+        prompts = ["--prompts", p] if p is not None else []
+        if b.n_prompts is None:
+            sizes = ["--batch-sizes", _fmt(b.batch_sizes)] if b.batch_sizes is not None else []
+            cmds.append([*bench, *sizes, *prompts, *map(str, b.args)])
+            continue
+        for batch, n in b.n_prompts.items():  # each batch size with its own prompts, its own JSON
+            out = run_dir / "bench" / f"decode_{Path(p or 'code').stem}_b{batch}.json"
+            cmds.append([*bench, "--batch-sizes", str(batch), "--n-prompts", str(n), *prompts, *map(str, b.args),
+                         "--json", str(out)])
+    return cmds
 
 
 def run_tags(spec: SweepSpec, plan: RunPlan) -> dict[str, str]:
@@ -95,10 +123,15 @@ def stage_params(spec: SweepSpec, plan: RunPlan, stage: str) -> dict[str, str]:
     elif stage == "bench":
         b = spec.bench
         values = {"heads": b.heads if b.heads is not None else "decode-bench default (1, 2, 4, ..., n)",
-                  "batch_sizes": b.batch_sizes if b.batch_sizes is not None else "decode-bench default (1, 16)",
+                  "batch_sizes": b.batch_sizes or (list(b.n_prompts) if b.n_prompts else "decode-bench default (1, 16)"),
                   "max_new": b.max_new if b.max_new is not None else "decode-bench default",
                   "prompts": b.prompts if b.prompts is not None else "decode-bench default (code)",
                   "args": list(map(str, b.args))}
+        if b.n_prompts is not None:
+            values["n_prompts"] = [f"b{k}:{v}" for k, v in b.n_prompts.items()]
+        if b.trees is not None:
+            values["trees"] = tree_sizes(spec, plan.n_future) or "none (the model's heads fill no tree asked for)"
+            values["tree_fit_args"] = list(map(str, b.tree_fit_args))
     elif stage == "synth":
         values = {"task": spec.synth.task, "args": list(map(str, spec.synth.args))}
     else:
