@@ -82,7 +82,18 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
             assert f"pass_at_1/{task}/{name}" in metrics
         assert metrics[f"pass_at_1/{task}/best"] == max(metrics[f"pass_at_1/{task}/t0.2"], metrics[f"pass_at_1/{task}/t0.8"])
     artifacts = {a.path for a in client.list_artifacts(info["run_id"], "eval")}
-    assert artifacts == {"eval/pass_at_k.json", "eval/pass_at_k.results.jsonl"}
+    assert artifacts == {"eval/pass_at_k.json", "eval/pass_at_k.results.jsonl", "eval/passk_problems"}
+    # per task and temperature, each problem's samples and passes (the report's intervals
+    # over problems rest on them), in the benchmark's order, as the results file counts them
+    assert {a.path for a in client.list_artifacts(info["run_id"], "eval/passk_problems")} == {
+        f"eval/passk_problems/{task}_t{t}.json" for task in ("humaneval", "mbpp") for t in ("0.2", "0.8")}
+    for task, prefix in (("humaneval", "HumanEval"), ("mbpp", "MBPP")):
+        for t in (0.2, 0.8):
+            counts = json.loads((run_dir / "eval" / "passk_problems" / f"{task}_t{t}.json").read_text())
+            ids = [r["task_id"] for r in results if r["task"] == task and r["temperature"] == t][::2]
+            assert counts["task_ids"] == ids and ids[0].startswith(prefix) and len(ids) == 3
+            assert counts["n"] == [2, 2, 2] and counts["c"] == [0, 0, 0] and counts["step"] == 1
+            assert counts["temperature"] == t and counts["n_problems_in_task"] in (164, 500)
 
     # an unknown attention kernel: one line, exit 2, nothing written
     bad = tmp_path / "bad.json"

@@ -10,6 +10,8 @@
 
 Each writes a JSON summary (atomically) and, beside it, `<name>.results.jsonl` with one
 line per sample: its fields, status, reason, passed, duration_s, network_isolated.
+Checkpoint mode also writes the per-problem counts of each task and temperature
+(`problems_path`), for confidence intervals over problems.
 """
 
 from __future__ import annotations
@@ -126,12 +128,18 @@ def execute(ex: Executor, items: Sequence[tuple[Problem, str]], desc: str | None
     return out
 
 
-def score(records: list[dict], ks: Sequence[int] = KS) -> dict:
-    """pass@k over the problems the records cover, with counts by status."""
+def problem_counts(records: list[dict]) -> dict[str, list[int]]:
+    """[n samples, c passed] per task id, in the records' order of first appearance."""
     per_problem: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in records:
         per_problem[r["task_id"]][0] += 1
         per_problem[r["task_id"]][1] += r["passed"]
+    return dict(per_problem)
+
+
+def score(records: list[dict], ks: Sequence[int] = KS) -> dict:
+    """pass@k over the problems the records cover, with counts by status."""
+    per_problem = problem_counts(records)
     counts = Counter(r["status"] for r in records)
     return {
         "pass_at_k": {str(k): v for k, v in benchmark_pass_at_k(per_problem.values(), ks).items()},
@@ -238,6 +246,25 @@ def run_reference(tasks: list[str], out: str | os.PathLike, s: EvalSettings) -> 
 
 def temperature_name(t: float) -> str:
     return f"t{t:g}"
+
+
+# Per-problem counts of a checkpoint evaluation, one small file per task and temperature
+# in the run dir (artifact eval/passk_problems/<task>_t<T>.json): what a confidence
+# interval over problems needs (analysis/passk_ci.py), without the samples file's
+# completions. One file per task and temperature, so that evaluating another task later
+# adds files rather than replacing these.
+PROBLEMS_DIR = "passk_problems"
+
+
+def problems_path(run_dir: str | os.PathLike, task: str, temp: float) -> Path:
+    return Path(run_dir) / "eval" / PROBLEMS_DIR / f"{task}_{temperature_name(temp)}.json"
+
+
+def problems_record(task: str, temp: float, records: list[dict], step: int | None, n_in_task: int) -> dict:
+    """The per-problem file's content: the counts as parallel lists in the benchmark's order."""
+    counts = problem_counts(records)
+    return {"task": task, "temperature": temp, "step": step, "n_problems_in_task": n_in_task,
+            "task_ids": list(counts), "n": [v[0] for v in counts.values()], "c": [v[1] for v in counts.values()]}
 
 
 @dataclass
@@ -371,7 +398,11 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     run_dir = run_dir_of(checkpoint)
     step = checkpoint_step(checkpoint)  # the training step evaluated
     out = Path(out) if out else run_dir / "eval" / "pass_at_k.json"
+    problem_files = [problems_path(run_dir, task, temp) for task in tasks for temp in s.temperatures]
+    for f in problem_files:  # refused before any program runs, like --json
+        check_output(f, inputs=[out])
     metrics: dict[str, float] = {}
+    problems_out: dict[Path, dict] = {}
     summary: dict = {
         "checkpoint": str(checkpoint), "step": step, "run_dir": str(run_dir), "n_samples": s.n_samples, "temperatures": s.temperatures,
         "top_p": s.top_p, "heads": s.heads, "seed": s.seed, "tokenizer": tokenizer.kind, "device": device,
@@ -391,6 +422,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
                 recs = sampler.sample_and_run(ex, task, problems, ids, temp, ti, truncated)
                 records += recs
                 per_t[f"{temp:g}"] = sc = score(recs)
+                problems_out[problems_path(run_dir, task, temp)] = problems_record(task, temp, recs, step, in_task)
                 by_t[temp] = {int(k): v for k, v in sc["pass_at_k"].items()}
                 for k, v in sc["pass_at_k"].items():
                     metrics[f"pass_at_{k}/{task}/{temperature_name(temp)}"] = v
@@ -422,6 +454,8 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
     summary.update(metrics=metrics, generation_s=round(sampler.seconds, 2), truncate_prompts=s.truncate_prompts,
                    context=model.cfg.context, total_s=round(time.perf_counter() - t_start, 2),
                    results_file=results_path(out).name)
+    for f, rec in problems_out.items():
+        write_json(f, rec)
     write_outputs(out, summary, records)
     print_table([{"task": t, "temperature": temp, **sc}
                  for t, v in summary["tasks"].items() for temp, sc in v["by_temperature"].items()])
@@ -433,5 +467,5 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
               f"problem and temperature; {v['samples_generated']} samples generated")
     for line in generation_notes(summary):
         print(f"bytelm eval: {line}", file=sys.stderr)
-    log_to_run(run_dir, metrics, artifacts=[out, results_path(out)], step=step)
+    log_to_run(run_dir, metrics, artifacts=[out, results_path(out), *problems_out], step=step)
     return summary
