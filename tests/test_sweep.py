@@ -539,3 +539,36 @@ def test_a_grid_choice_or_include_brings_its_own_base_config(tmp_path):
         plan_sweep(load_spec(write_spec(tmp_path / "s.yaml", grid={"size": {"x": {"base": "missing.yaml"}}})))
     with pytest.raises(UserError, match="different base configs"):
         expand_grid({"size": {"a": {"base": "a.yaml"}}, "arm": {"b": {"base": "b.yaml"}}})
+
+
+def test_the_small_mtp_spec_plans_every_run_on_one_budget(smoke_data):
+    """experiments/sweeps/small_mtp.yaml: nine recipes at ~100M, three at ~50M and ~25M
+    (their own base configs), four second seeds; the same steps, batch and context for
+    every run, so the same text; the sizes as the model code counts them."""
+    spec = load_spec(config_path("sweeps/small_mtp.yaml"))
+    plans = {p.name: p for p in plan_sweep(spec, [f"data.root={smoke_data}"])}
+    assert len(plans) == 19
+    assert {p.steps for p in plans.values()} == {2000} and {p.tokens_per_step for p in plans.values()} == {32 * 2048}
+    assert len({p.train_bytes for p in plans.values()}) == 1
+    recipes = ["n1", "equal", "down03", "down01", "forward", "reverse", "ramp", "seq2", "seq4"]
+    assert [n for n in plans if n.startswith("100m") and n.endswith("-s0")] == [f"100m-{r}-s0" for r in recipes]
+    assert sorted(n for n in plans if n.endswith("-s1")) == sorted(f"100m-{r}-s1" for r in ("n1", "equal", "down01", "forward"))
+    for size, lo, hi in (("100m", 95e6, 105e6), ("50m", 47e6, 53e6), ("25m", 24e6, 28e6)):
+        sized = [p for n, p in plans.items() if n.startswith(size + "-")]
+        assert all(lo < p.params < hi for p in sized), [(p.name, p.params) for p in sized]
+        assert {Path(p.base).name for p in sized} == {f"bytes_{size}.yaml"}
+    for seed1 in (p for n, p in plans.items() if n.endswith("-s1")):  # the seed-0 twin's config but for the seed
+        twin = plans[seed1.name[:-1] + "0"]
+        assert [o for o in seed1.overrides if not o.startswith("train.seed=")] == \
+            [o for o in twin.overrides if not o.startswith("train.seed=")]
+    assert "train.mtp_schedule.extra_scale=0.1" in plans["25m-down01-s0"].overrides
+    assert (plans["100m-seq4-s0"].n_future, plans["100m-seq4-s0"].grid["head_type"]) == (4, "sequential")
+    trees = {}
+    for name in ("100m-n1-s0", "100m-seq2-s0", "100m-equal-s0"):
+        cmds = stage_commands(spec, plans[name], Path("r"), parent_run_id=None, use_mlflow=False)["bench"]
+        fit = [c[c.index("--nodes") + 1] for c in cmds if c[3] == "tree-fit"]
+        benches = [c for c in cmds if c[3] == "decode-bench"]
+        assert [(c[c.index("--batch-sizes") + 1], c[c.index("--n-prompts") + 1]) for c in benches] == [("1", "16"), ("16", "240")]
+        trees[name] = (fit, {c[c.index("--tree") + 1] if "--tree" in c else None for c in benches})
+    # a depth-2 model's tree holds 11 nodes at most: only the 8-node tree
+    assert trees == {"100m-n1-s0": ([], {None}), "100m-seq2-s0": (["8"], {"8"}), "100m-equal-s0": (["64"], {"8,16,32,64"})}
