@@ -7,6 +7,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from analysis import plots
+from analysis.passk_ci import LEVEL, Uncertainty
 from analysis.paper_numbers import KS, TABLE1_CAPTION, TABLE_S3, TABLE_S3_CAPTION, TASK_TITLES, TASKS, table1_rows
 from analysis.runs import metric_history, pass_metrics, spec_metrics
 from analysis.sections import ReportContext, Section
@@ -19,7 +20,26 @@ from bytelm.units import human
 PAPER_DATA = {"bytes": "313B bytes (0.5 ep)", "bpe": "200B tok (0.8 ep)"}
 
 
-def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str) -> str:
+def with_intervals(df: pd.DataFrame, passk: Uncertainty | None) -> pd.DataFrame:
+    """The table's pass@k columns with their configuration's interval over problems
+    (`<key>:lo`, `<key>:hi`; NaN where unavailable)."""
+    if passk is None:
+        return df
+    df = df.copy()
+    for task in TASKS:
+        for k in KS:
+            key = f"pass_at_{k}/{task}/best"
+            if key not in df:
+                continue
+            cis = [passk.config_ci(cid, task, k) for cid in df["config_id"]]
+            # at the floor the bootstrap's [0, 0] is no interval: the cell says "none passed" instead
+            df[f"{key}:lo"] = [np.nan if ci is None or ci[2] else ci[0] for ci in cis]
+            df[f"{key}:hi"] = [np.nan if ci is None or ci[2] else ci[1] for ci in cis]
+            df[f"{key}:floor"] = [ci is not None and ci[2] for ci in cis]
+    return df
+
+
+def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str, passk: Uncertainty | None = None) -> str:
     pm = pass_metrics(runs)
     temps = sorted({t for t in pm["temp"] if t != "best"})
     # logged by `bytelm eval` (eval/n_samples); the eval.n_samples param is only the config's default
@@ -35,6 +55,20 @@ def caption(runs: pd.DataFrame, df: pd.DataFrame, speed_desc: str) -> str:
             "temperature: "
             f"for each model, task and k the best of T ∈ {{{', '.join(f'{t:g}' for t in temps)}}} (the paper's Table 1 rule)."
         )
+        have = [c for c in df.columns if c.startswith("pass_at_") and c.endswith(":lo")]
+        with_ci = sum(int(df[c].notna().sum()) for c in have)
+        floor = sum(int(df[c.replace(":lo", ":floor")].sum()) for c in have)
+        cells = sum(int(df[c.removesuffix(":lo")].notna().sum()) for c in have)
+        if floor:
+            parts.append(f"“none passed”: at the floor, not one sample of any problem passed ({floor} cells).")
+        if with_ci:
+            missing = cells - with_ci - floor
+            parts.append(f"In brackets: the {LEVEL:.0%} bootstrap interval over problems (seeds pooled; section "
+                         "'pass@k with confidence intervals')" + (f"; {missing} of {cells} pass@k cells have none, for "
+                                                                   "want of per-problem counts." if missing else "."))
+        elif passk is not None and not floor:
+            parts.append("No pass@k here has a confidence interval: the runs logged no per-problem counts (section "
+                         "'pass@k with confidence intervals' says why); read them as point estimates only.")
     else:
         parts.append("No pass@k evaluations were logged.")
     seeds = int(df["seeds"].max()) if len(df) else 1
@@ -138,7 +172,8 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     out = ctx.out
     files = []
     df, labels, columns, speed_desc = summary(runs)
-    cap = caption(runs, df, speed_desc)
+    df = with_intervals(df, ctx.passk)
+    cap = caption(runs, df, speed_desc, ctx.passk)
     md_table = render(df, labels, columns, "md")
     write_text(out / "table1.md", f"{md_table}\n\n{cap}\n")
     write_text(out / "table1.tex", latex_table(render(df, labels, columns, "tex"), cap))
@@ -150,7 +185,7 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     history = (metric_history(ctx.uri, list(runs["run_id"]), ["val/bpb", "train/bytes_seen", "train/flops"]) if ctx.uri
                else pd.DataFrame(columns=["run_id", "key", "step", "value"]))
     for fname, title, draw in (
-        ("passk_vs_k.png", "pass@k against k", lambda p: plots.passk_vs_k(runs, p)),
+        ("passk_vs_k.png", "pass@k against k", lambda p: plots.passk_vs_k(runs, p, ctx.passk)),
         ("vs_n.png", "pass@1 and bits per byte against n", lambda p: plots.metrics_vs_n(runs, p)),
         ("speedup_vs_heads.png", "speculative decoding against heads used and tree size", lambda p: plots.speedup_vs_heads(runs, p)),
         ("bpb_vs_bytes.png", "validation bits per byte against training bytes",

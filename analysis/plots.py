@@ -48,8 +48,10 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def passk_vs_k(runs: pd.DataFrame, path: Path) -> bool:
-    """pass@k (oracle temperature) against k, one line per configuration, a panel per task."""
+def passk_vs_k(runs: pd.DataFrame, path: Path, passk=None) -> bool:
+    """pass@k (oracle temperature) against k, one line per configuration, a panel per task;
+    with `passk` (analysis.passk_ci.Uncertainty) each configuration's interval over
+    problems as a band, where it has one (the title says when none has)."""
     pm = pass_metrics(runs)
     pm = pm[pm["temp"] == "best"].merge(runs[["run_id", "name"]], on="run_id")
     if pm.empty:
@@ -58,10 +60,15 @@ def passk_vs_k(runs: pd.DataFrame, path: Path) -> bool:
     tasks = [t for t in TASKS if t in set(pm["task"])] + sorted(set(pm["task"]) - set(TASKS))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     style = styles(runs)
+    bands = _bands(passk)
     for ax, task in zip(axes[0], tasks):
         sel = pm[pm["task"] == task].groupby(["config", "k"])["value"].mean().reset_index()
         for config, g in sel.groupby("config"):
             ax.plot(g["k"], 100 * g["value"], label=config, **style[config])
+            band = bands[(bands["label"] == config) & (bands["task"] == task)].sort_values("k")
+            if len(band):
+                ax.fill_between(band["k"], 100 * band["lo"], 100 * band["hi"], color=style[config]["color"], alpha=0.15,
+                                lw=0)
         ax.set_xscale("log")
         ks = sorted(sel["k"].unique())
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -72,8 +79,22 @@ def passk_vs_k(runs: pd.DataFrame, path: Path) -> bool:
         ax.set_title(TASK_TITLES.get(task, task))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
+    if passk is not None:
+        fig.suptitle("bands: 95% bootstrap interval over problems" if len(bands) else
+                     "no confidence interval: the runs logged no per-problem counts", fontsize=9)
     _save(fig, path)
     return True
+
+
+def _bands(passk) -> pd.DataFrame:
+    """Configuration intervals by plot label (run name without seed), for labels that name
+    one configuration only (a band is never drawn for a line that averages several)."""
+    if passk is None:
+        return pd.DataFrame(columns=["label", "task", "k", "lo", "hi"])
+    iv = passk.intervals[passk.intervals["level"] == "config"]
+    unique = iv.groupby("label")["config_id"].nunique()
+    iv = iv[iv["label"].isin(unique[unique == 1].index)].dropna(subset=["lo"])
+    return iv[["label", "task", "k", "lo", "hi"]]
 
 
 def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:

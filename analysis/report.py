@@ -5,8 +5,9 @@ histories and are left out).
 
 Writes DIR/runs.csv (one row per run: name, status, grid values, metrics), one section per
 study found among the runs (analysis/sections.py picks it by the runs' `study` tag; the
-n-ablation study writes table1.{md,tex,csv} and the PNG plots), and DIR/report.md that puts
-them together. Plots and tables are also logged as artifacts to the sweep's parent run,
+n-ablation study writes table1.{md,tex,csv} and the PNG plots), after each section whose
+runs report pass@k its confidence intervals and paired tests (analysis/passk_ci.py;
+DIR/passk_ci.csv, DIR/passk_paired.csv), and DIR/report.md that puts them together. Plots and tables are also logged as artifacts to the sweep's parent run,
 under report/<time>, when the report covers exactly that sweep's runs (--parent-run-id
 reports one sweep alone).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.passk_ci import report_uncertainty, write_uncertainty
 from analysis.runs import Experiment, load_runs, runs_from_csv
 from analysis.sections import ReportContext, section_for
 from bytelm.errors import UserError
@@ -104,10 +106,18 @@ def build_report(experiment: str, uri: str | None, out: Path, include_failed: bo
         md.append("")
     if done.empty:
         md.append("No finished runs to tabulate yet.\n")
+    uncertainties = {}
     for study, runs in done.groupby("study", sort=True):
-        section = section_for(study)(ctx, runs.reset_index(drop=True))
+        runs = runs.reset_index(drop=True)
+        passk = report_uncertainty(uri, runs)  # every study's pass@k gets its intervals, whatever its section
+        section = section_for(study)(replace(ctx, passk=passk), runs)
         md += [f"\n## {section.title}\n", section.markdown]
+        if passk is not None:
+            md += ["\n### pass@k with confidence intervals\n", passk.markdown]
+            uncertainties[study] = passk
         files += section.files
+    if uncertainties:
+        files += write_uncertainty(uncertainties, out)
     report = out / "report.md"
     write_text(report, "\n".join(md) + "\n")
     return report, [report, *files], exp.parents

@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from analysis.passk_ci import Uncertainty
 
 SECTIONS: dict[str, str | Callable] = {
     "ablation": "analysis.ablation:section",  # the n × vocabulary study (paper Table 1, S3)
@@ -30,6 +33,9 @@ class ReportContext:
     experiment: str
     uri: str | None  # None: runs rebuilt from a runs.csv, no store to read histories from
     out: Path
+    # pass@k intervals and paired tests of the section's runs (analysis/passk_ci.py), for
+    # its tables and plots; build_report adds their own subsection after the section
+    passk: Uncertainty | None = None
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Rows are configurations (data set / vocabulary / n, plus any other grid axis that varies,
 such as the head type); seeds of one configuration are one row, shown as mean ± sample
 standard deviation. Columns: pass@k (%) at the oracle temperature (`pass_at_{k}/{task}/best`)
-for MBPP, HumanEval and APPS-Intro, then validation bits per byte, training bytes,
+for MBPP, HumanEval and APPS-Intro (with its confidence interval in brackets where the
+report has one: columns `<key>:lo`, `<key>:hi` of the frame, analysis/passk_ci.py; and
+"none passed" where `<key>:floor`), then validation bits per byte, training bytes,
 training FLOPs and the best self-speculative speedup. The best value of each column is
 bold. `render` writes it as markdown or LaTeX; `summary` is the numeric form for CSV.
 """
@@ -161,6 +163,10 @@ def render(df: pd.DataFrame, labels: list[str], columns: list[Column], style: st
             text = esc(c.fmt(v))
             if c.spread and r[f"{c.key}:count"] > 1 and pd.notna(r[f"{c.key}:std"]):
                 text += pm + esc(c.fmt(r[f"{c.key}:std"]))
+            if pd.notna(r.get(f"{c.key}:lo", np.nan)):  # a confidence interval (pass@k: over problems)
+                text += f" [{esc(c.fmt(r[f'{c.key}:lo']))}, {esc(c.fmt(r[f'{c.key}:hi']))}]"
+            elif pd.notna(floor := r.get(f"{c.key}:floor", np.nan)) and bool(floor):
+                text += " (none passed)"
             if c.key == "speedup" and pd.notna(r.get("speedup_heads")):
                 text += f" (k={int(r['speedup_heads'])})"
             cells.append(bold(text) if i in best[c.key] else text)
@@ -189,7 +195,7 @@ def csv_frame(df: pd.DataFrame, labels: list[str], columns: list[Column]) -> pd.
     fraction, as logged)."""
     keep = [*labels, "seeds"]
     for c in columns:
-        keep += [c.key] + ([f"{c.key}:std"] if c.spread else [])
+        keep += [c.key] + ([f"{c.key}:std"] if c.spread else []) + [f"{c.key}:{b}" for b in ("lo", "hi", "floor") if f"{c.key}:{b}" in df]
     if "speedup_heads" in df:
         keep.append("speedup_heads")
     return df[[k for k in keep if k in df]].rename(columns={"runs": "run_names"})

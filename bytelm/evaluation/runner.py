@@ -264,7 +264,7 @@ def problems_record(task: str, temp: float, records: list[dict], step: int | Non
     """The per-problem file's content: the counts as parallel lists in the benchmark's order."""
     counts = problem_counts(records)
     return {"task": task, "temperature": temp, "step": step, "n_problems_in_task": n_in_task,
-            "task_ids": list(counts), "n": [v[0] for v in counts.values()], "c": [v[1] for v in counts.values()]}
+            "task_ids": list(counts), "n": [int(v[0]) for v in counts.values()], "c": [int(v[1]) for v in counts.values()]}
 
 
 @dataclass
