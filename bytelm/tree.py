@@ -16,11 +16,12 @@ Choosing a tree (`bytelm tree-fit`): decode held-out prompts greedily, then, at 
 position of those greedy completions, find the rank of each following token in the list
 of the head that drafts it. Greedy verification accepts the path (r_1, ..., r_d) exactly
 when those ranks are r_1, ..., r_d, so its frequency over the positions is its acceptance
-rate, and a tree's expected accepted drafts per step is the sum of its nodes'
-frequencies. A path's frequency is at most its parent's, so the N-1 most frequent paths
-(ties: shorter, then smaller ranks, first) form a tree: the best one of N nodes for
-those statistics. The statistics are those of greedy decoding; sampling at a temperature
-accepts less.
+rate at a position taken at random. A path's frequency is at most its parent's, so the
+N-1 most frequent paths (ties: shorter, then smaller ranks, first) form a tree: the one
+of N nodes that accepts most at a random position. Decoding does not draft at random
+positions but where the last step ended, so tree-fit predicts a tree's tokens per
+forward by replaying greedy decoding over the same ranks (`replay`). The statistics are
+those of greedy decoding; sampling at a temperature accepts less.
 """
 
 from __future__ import annotations
@@ -136,6 +137,26 @@ def count_paths(rank_rows: Sequence[Sequence[int]]) -> dict[tuple[int, ...], int
             path += (int(r),)
             counts[path] = counts.get(path, 0) + 1
     return counts
+
+
+def replay(rank_rows: Sequence[Sequence[int]], tree: "Tree") -> int:
+    """The verify steps greedy decoding with `tree` takes over one completion, replayed
+    from its rank rows (row i: the ranks at the position whose next token is the
+    completion's i-th, as tree-fit reads them). The prefill commits token 0 and drafts
+    from row 0; a step accepts the longest tree path that matches the row's ranks and
+    commits it plus head 1's token after it, so the next step drafts from the row after
+    those. Decoding visits only these positions, so this, not the mean over every
+    position, is what the decoder does with the same weights (ties aside)."""
+    nodes, t, steps = set(tree.paths), 1, 0  # t: tokens committed
+    while t < len(rank_rows):
+        path: tuple[int, ...] = ()
+        for r in rank_rows[t - 1]:
+            if path + (r,) not in nodes:
+                break
+            path += (r,)
+        t += len(path) + 1
+        steps += 1
+    return steps
 
 
 def ranked_paths(counts: dict[tuple[int, ...], int]) -> list[tuple[tuple[int, ...], int]]:

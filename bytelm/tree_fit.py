@@ -10,8 +10,10 @@ in the list of the head that drafts it (bytelm/tree.py says why that is the acce
 path under greedy verification). Writes `trees.json` into the checkpoint folder: the paths
 ranked by how often they would be accepted, enough for a tree of N nodes (`--tree N` takes
 the first N-1), each with its count and rate, and the sha256 of the weights they were
-measured on (`--tree` refuses the file for other weights). The same checkpoint, prompts and
-options give the same file.
+measured on (`--tree` refuses the file for other weights); and, per tree size and for the
+chain, the tokens per forward that greedy decoding of these prompts makes, replayed from
+the ranks (what decode-bench measures on the same prompts, up to ties). The same
+checkpoint, prompts and options give the same file.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from bytelm.errors import UserError
-from bytelm.tree import MAX_RANK, TREE_FILE, best_tree, count_paths, tree_paths, weights_fingerprint
+from bytelm.tree import MAX_RANK, TREE_FILE, Tree, best_tree, count_paths, replay, tree_paths, weights_fingerprint
 
 
 def add_arguments(p) -> None:
@@ -40,10 +42,11 @@ def add_arguments(p) -> None:
 
 
 @torch.inference_mode()
-def draft_ranks(model, sequences: list[tuple[list[int], list[int]]]) -> list[list[int]]:
-    """For each (prompt, completion) and each drafting position t whose next token is in
-    the completion: the rank of token t+1+d in head d+1's list at t (d = 1..n-1; ranks
-    from 0, MAX_RANK for any rank beyond, -1 past the completion's end)."""
+def draft_ranks(model, sequences: list[tuple[list[int], list[int]]]) -> list[list[list[int]]]:
+    """For each (prompt, completion), the rank rows of its drafting positions: at each
+    position t whose next token is in the completion, the rank of token t+1+d in head
+    d+1's list at t (d = 1..n-1; ranks from 0, MAX_RANK for any rank beyond, -1 past the
+    completion's end)."""
     n, context, device = model.n_future, model.cfg.context, model.tok_emb.weight.device
     rows = []
     for prompt, completion in sequences:
@@ -63,7 +66,7 @@ def draft_ranks(model, sequences: list[tuple[list[int], list[int]]]) -> list[lis
             scores = logits[ts, d]
             rank = (scores > scores.gather(1, target[:, None])).sum(-1).clamp_max(MAX_RANK)
             out[: len(ts), d - 1] = rank.cpu()
-        rows += out.tolist()
+        rows.append(out.tolist())
     return rows
 
 
@@ -99,28 +102,39 @@ def main(args) -> int:
                  max_len=cache_length(model, max(map(len, prompts)), max_new, 1),
                  cuda_graphs=device == "cuda") as decoder:
         gen = decoder.run(prompts, max_new, tokenizer=tokenizer)
-    rows = draft_ranks(model, list(zip(prompts, gen.tokens)))
+    per_sequence = draft_ranks(model, list(zip(prompts, gen.tokens)))
+    rows = [r for seq in per_sequence for r in seq]
     if not rows:
         raise UserError("the greedy completions are empty: nothing to measure (try other --prompts)")
     counts = count_paths(rows)
     ranked = tree_paths(counts, args.nodes, model.n_future - 1)
     positions = len(rows)
-    sizes = sorted({s for s in (4, 8, 16, 32, 64, 128) if s <= args.nodes} | {args.nodes})
-    expected = {s: 1 + sum(c for _, c in ranked[: s - 1]) / positions for s in sizes}
-    chain = 1 + sum(counts.get((0,) * d, 0) for d in range(1, model.n_future)) / positions
+    sizes = sorted({s for s in (4, 8, 16, 32, 64, 128) if s <= args.nodes and s - 1 <= len(ranked)} | {len(ranked) + 1})
+
+    def per_forward(tree: Tree) -> float:
+        """Tokens per row forward (prefill included), as decode-bench counts them."""
+        return positions / sum(1 + replay(seq, tree) for seq in per_sequence if seq)
+
+    at_random = {s: 1 + sum(c for _, c in ranked[: s - 1]) / positions for s in sizes}
+    predicted = {s: per_forward(Tree(tuple(p for p, _ in ranked[: s - 1]))) for s in sizes}
+    chain = per_forward(Tree.chain(model.n_future))
+    chain_at_random = 1 + sum(counts.get((0,) * d, 0) for d in range(1, model.n_future)) / positions
     out = ckpt / TREE_FILE
     write_json(out, {
         "fingerprint": weights_fingerprint(ckpt), "nodes": len(ranked) + 1, "heads": model.n_future,
         "positions": positions, "max_rank": MAX_RANK,
-        "expected_tokens_per_step": {str(s): e for s, e in expected.items()}, "chain_tokens_per_step": chain,
+        "tokens_per_forward": {str(s): e for s, e in predicted.items()}, "chain_tokens_per_forward": chain,
+        "tokens_per_step_at_random_positions": {str(s): e for s, e in at_random.items()},
+        "chain_tokens_per_step_at_random_positions": chain_at_random,
         "paths": [{"path": list(p), "count": c, "rate": c / positions} for p, c in ranked],
         "measured_on": {"prompts": name, "n_prompts": len(prompts), "prompt_len_bytes": prompt_len,
                         "max_new_tokens": max_new, "dtype": dtype_name, "device": device,
                         "command": " ".join(["bytelm", "tree-fit", *sys.argv[2:]])},
     })
-    print(tabulate([["chain", model.n_future, f"{chain:.3f}"]]
-                   + [["tree", s, f"{expected[s]:.3f}"] for s in sizes if s - 1 <= len(ranked)],
-                   headers=["decoder", "nodes", "expected tokens per step (greedy)"]))
+    print(tabulate([["chain", model.n_future, f"{chain:.3f}", f"{chain_at_random:.3f}"]]
+                   + [["tree", s, f"{predicted[s]:.3f}", f"{at_random[s]:.3f}"] for s in sizes],
+                   headers=["decoder", "nodes", "tokens per forward (greedy, replayed)",
+                            "tokens per step at a random position"]))
     print(f"{positions} positions of {len(prompts)} greedy completions; tree of {args.nodes} nodes: "
           f"{best_tree(counts, args.nodes, model.n_future - 1).paths[:8]}...")
     print(f"wrote {out}")

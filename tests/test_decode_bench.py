@@ -231,7 +231,7 @@ def test_tree_fit_is_reproducible_and_trees_decode_like_plain_greedy(run_dir, tm
     file fitted to other weights is refused."""
     from bytelm.checkpoint import resolve_checkpoint
 
-    args = ("--nodes", "8", "--n-prompts", "4", "--prompt-len", "32", "--max-new", "24")
+    args = ("--nodes", "8", "--n-prompts", "4", "--prompt-len", "48", "--max-new", "24")
     p = tree_fit(run_dir, *args)
     assert p.returncode == 0, p.stderr
     ckpt = resolve_checkpoint(run_dir)
@@ -243,6 +243,7 @@ def test_tree_fit_is_reproducible_and_trees_decode_like_plain_greedy(run_dir, tm
     rates = [p["rate"] for p in data["paths"]]
     assert rates == sorted(rates, reverse=True) and 0 < rates[0] <= 1
     assert all(len(p["path"]) <= 3 for p in data["paths"])
+    assert set(data["tokens_per_forward"]) == {"4", "8"}
 
     out = tmp_path / "bench.json"
     p = bench(run_dir, "--heads", "1,4", "--batch-sizes", "1,3", "--n-prompts", "4", "--prompt-len", "48",
@@ -255,6 +256,11 @@ def test_tree_fit_is_reproducible_and_trees_decode_like_plain_greedy(run_dir, tm
     assert all(r["mismatched_sequences"] == 0 for r in rows)
     assert set(result["tree_choice"]) == {"1", "3"}
     assert result["tree_choice"]["1"]["nodes"] in (4, 8)
+    # tree-fit's prediction for these prompts is what the decoder did
+    for r in rows:
+        if r["heads_used"] == 4:
+            want = data["chain_tokens_per_forward"] if r["decoder"] == "chain" else data["tokens_per_forward"][str(r["nodes"])]
+            assert r["tokens_per_forward"] == pytest.approx(want, rel=1e-9), r
 
     # the same tree file beside other weights
     from safetensors.torch import load_file, save_file

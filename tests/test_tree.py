@@ -162,3 +162,27 @@ def test_path_counts_and_the_best_tree():
     t = best_tree(counts, 5, max_depth=3)
     assert t.paths == ((0,), (1,), (0, 0), (0, 0, 1))  # ties: shorter paths first
     assert best_tree(counts, 5, max_depth=1).paths == ((0,), (1,), (2,), (3,))  # never-seen ranks fill it up
+
+
+def test_replaying_the_ranks_predicts_the_decoders_steps():
+    """tree-fit's prediction: greedy decoding replayed over the rank rows of the plain
+    greedy completions takes exactly the decoder's steps, for the chain and for trees,
+    while the mean over every position is not what the decoder does."""
+    from bytelm.tree import replay
+    from bytelm.tree_fit import draft_ranks
+
+    model = trained_token_model("unembed")
+    g = torch.Generator().manual_seed(7)
+    prompts = [[0] + torch.randint(300, 340, (n,), generator=g).tolist() for n in (3, 17, 8, 25, 1, 12)]
+    plain = Decoder(model, heads=1, batch_size=3, max_len=96).run(prompts, 40)
+    per_sequence = draft_ranks(model, list(zip(prompts, plain.tokens)))
+    assert [len(rows) for rows in per_sequence] == [len(t) for t in plain.tokens]
+    for tree in (Tree.chain(4), TREE, Tree(((0,), (1,), (0, 0)))):
+        gen = Decoder(model, heads=4, batch_size=1, max_len=96, tree=tree).run(prompts, 40)
+        assert gen.tokens == plain.tokens
+        assert sum(replay(rows, tree) for rows in per_sequence) == gen.stats.row_steps, tree.nodes
+    # by hand: ranks of row i are those of the tokens after the next at position i
+    rows = [[0, 0, 1], [9, 9, 9], [0, 1, 0], [9, 9, 9], [0, 0, 0], [9, 9, 9], [9, 9, 9]]
+    assert replay(rows, Tree.chain(4)) == 3  # prefill: token 0; steps commit tokens 1..3, 4, then 5..6
+    assert replay(rows, TREE) == 2  # steps commit 1..4 (path (0, 0, 1)), then 5..6
+    assert replay([[5, 5, 5]], TREE) == 0  # one token: the prefill's
