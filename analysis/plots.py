@@ -80,8 +80,9 @@ def passk_vs_k(runs: pd.DataFrame, path: Path, passk=None) -> bool:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     if passk is not None:
-        fig.suptitle("bands: 95% bootstrap interval over problems" if len(bands) else
-                     "no confidence interval: the runs logged no per-problem counts", fontsize=9)
+        without = sorted(set(pm["config"]) - set(bands["label"]))
+        fig.suptitle(("bands: 95% bootstrap interval over problems" + (f"; none for {', '.join(without)}" if without else "")
+                      if len(bands) else "no confidence interval: the runs logged no per-problem counts"), fontsize=9)
     _save(fig, path)
     return True
 

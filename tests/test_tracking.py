@@ -102,6 +102,8 @@ def make_offline_run(run_dir: Path) -> None:
     t.set_status("finished", step=4)
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "humaneval.json").write_text(json.dumps({"pass_at_1": 0.0}))
+    (run_dir / "eval" / "passk_problems").mkdir()  # an evaluation's per-problem counts, one folder down
+    (run_dir / "eval" / "passk_problems" / "humaneval_t0.8.json").write_text(json.dumps({"task_ids": ["HumanEval/0"]}))
     log_to_run(run_dir, {"pass_at_1/humaneval/best": 0.0, "val/bpb": 2.5}, step=4)
 
 
@@ -122,7 +124,9 @@ def test_offline_run_dir_then_import_once(tmp_path, client):
     assert run.data.tags["sweep"] == "offline"
     assert run.data.metrics["val/bpb"] == 2.5
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == pytest.approx([3.0, 2.9, 2.8, 2.7, 2.6])
-    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/humaneval.json"]
+    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/humaneval.json", "eval/passk_problems"]
+    assert [a.path for a in client.list_artifacts(run_id, "eval/passk_problems")] == [
+        "eval/passk_problems/humaneval_t0.8.json"]
 
     # a second import is a no-op; an eval row added since is logged once
     log_to_run(run_dir, {"pass_at_10/humaneval/best": 0.1}, step=4)  # reachable now: logged directly
