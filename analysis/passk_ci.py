@@ -30,8 +30,10 @@ optimism of taking each run's best temperature.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +122,7 @@ def floor_bound(n_samples: int, k: int, level: float = LEVEL) -> float:
 
 def load_problem_counts(uri: str, run_ids: list[str]) -> tuple[pd.DataFrame, dict[str, str]]:
     """The per-problem counts the runs logged: a long frame run_id, task, temp, task_id,
-    n, c; and, for each run whose files could not be read, why."""
+    n, c, generated; and, for each run whose files could not be read, why."""
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
@@ -128,18 +130,34 @@ def load_problem_counts(uri: str, run_ids: list[str]) -> tuple[pd.DataFrame, dic
 
     client = MlflowClient(uri)
     frames, bad = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
         for run_id in run_ids:
-            files = [a.path for a in client.list_artifacts(run_id, f"eval/{PROBLEMS_DIR}") if a.path.endswith(".json")]
-            for path in files:
-                local = download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(Path(tmp) / run_id),
-                                           tracking_uri=uri)
+            folder = f"eval/{PROBLEMS_DIR}"
+            if not client.list_artifacts(run_id, folder):
+                continue
+            local = Path(download_artifacts(run_id=run_id, artifact_path=folder, dst_path=str(Path(tmp) / run_id),
+                                            tracking_uri=uri))
+            for f in sorted(local.glob("*.json")):
                 try:
-                    frames.append(_counts_frame(run_id, json.loads(Path(local).read_text())))
+                    frames.append(_counts_frame(run_id, json.loads(f.read_text())))
                 except (ValueError, KeyError, TypeError) as e:
-                    bad[run_id] = f"{path} is not a per-problem counts file ({e})"
-    cols = ["run_id", "task", "temp", "task_id", "n", "c"]
+                    bad[run_id] = f"{folder}/{f.name} is not a per-problem counts file ({e})"
+    cols = ["run_id", "task", "temp", "task_id", "n", "c", "generated"]
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)), bad
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar per download; a report reads many small files."""
+    key, old = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _counts_frame(run_id: str, d: dict) -> pd.DataFrame:
@@ -148,8 +166,12 @@ def _counts_frame(run_id: str, d: dict) -> pd.DataFrame:
         raise ValueError("task_ids, n and c differ in length or are empty")
     if np.any(n < 1) or np.any(c < 0) or np.any(c > n):
         raise ValueError("needs 0 <= c <= n and n >= 1 per problem")
+    # files written before `generated` was recorded: every problem counted as generated
+    generated = np.asarray(d.get("generated", [True] * len(ids)), dtype=bool)
+    if len(generated) != len(ids):
+        raise ValueError("generated differs in length from task_ids")
     return pd.DataFrame({"run_id": run_id, "task": str(d["task"]), "temp": float(d["temperature"]), "task_id": ids,
-                         "n": n, "c": c})
+                         "n": n, "c": c, "generated": generated})
 
 
 # ----------------------------------------------------------------------------- the report's view
@@ -214,9 +236,9 @@ def _run_values(run: pd.Series, counts: pd.DataFrame, task: str, k: int) -> tupl
 
 
 def _row(level: str, config_id: str, label: str, names: list[str], task: str, k: int, value: float,
-         vals: pd.DataFrame | None, samples: list[int], note: str) -> dict:
+         vals: pd.DataFrame | None, samples: list[tuple[int, int]], note: str) -> dict:
     """`vals`: per-problem pass@k, a column per run (None: unavailable); `samples`: each
-    run's samples per problem (their total over problems and runs bounds a floor)."""
+    run's (samples per problem, samples generated in all): the generated ones bound a floor."""
     row = {"level": level, "config_id": config_id, "label": label, "runs": ", ".join(names), "task": task, "k": k,
            "value": value, "lo": np.nan, "hi": np.nan, "problems": np.nan, "samples": np.nan, "floor": False,
            "floor_bound": np.nan, "note": note}
@@ -224,10 +246,13 @@ def _row(level: str, config_id: str, label: str, names: list[str], task: str, k:
         pooled = vals.mean(axis=1).to_numpy()
         _, row["lo"], row["hi"] = bootstrap_ci(pooled)
         row["problems"] = len(pooled)
-        row["samples"] = samples[0] if len(set(samples)) == 1 else np.nan  # per problem, when the runs agree
+        per = {n for n, _ in samples}
+        row["samples"] = per.pop() if len(per) == 1 else np.nan  # per problem, when the runs agree
         if not pooled.any():
             row["floor"] = True
-            row["floor_bound"] = floor_bound(sum(samples) * len(pooled), k)
+            drawn = sum(g for _, g in samples)
+            # no sample drawn (every prompt longer than the context): zeros that bound nothing
+            row["floor_bound"] = floor_bound(drawn, k) if drawn else np.nan
     return row
 
 
@@ -283,12 +308,12 @@ def _config_note(notes: list[tuple[str, str]], n_runs: int) -> str:
     return "; ".join(f"`{name}`: {why}" for name, why in notes)
 
 
-def _samples(counts: pd.DataFrame, run: pd.Series, task: str, k: int) -> int:
-    """Samples per problem of a run's evaluation at its oracle temperature for k (the
-    fewest, should problems differ)."""
+def _samples(counts: pd.DataFrame, run: pd.Series, task: str, k: int) -> tuple[int, int]:
+    """A run's evaluation at its oracle temperature for k: samples per problem (the
+    fewest, should problems differ), and samples generated in all."""
     temp = float(run[f"pass_at_{k}/{task}/best_t"])
     sel = counts[(counts["run_id"] == run["run_id"]) & (counts["task"] == task) & np.isclose(counts["temp"], temp)]
-    return int(sel["n"].min())
+    return int(sel["n"].min()), int(sel.loc[sel["generated"], "n"].sum())
 
 
 def baselines(runs: pd.DataFrame) -> list[tuple[str, str]]:
@@ -356,6 +381,8 @@ def cell(value: float, lo: float, hi: float) -> str:
 def _interval_note(r: pd.Series) -> str:
     if pd.isna(r["lo"]):
         return f"interval unavailable: {r['note']}"
+    if r["floor"] and pd.isna(r["floor_bound"]):
+        return "at the floor, and not a measurement: no sample was generated (every prompt longer than the context)"
     if r["floor"]:
         return (f"at the floor: no sample of {int(r['problems'])} problems passed; [0, 0] is no bound, "
                 f"pass@{r['k']} < {pct(r['floor_bound'])}% (95%, one-sided)")
@@ -453,7 +480,7 @@ def report_uncertainty(uri: str | None, runs: pd.DataFrame) -> Uncertainty | Non
     if not _reported(runs):
         return None
     if uri is None:
-        counts = pd.DataFrame(columns=["run_id", "task", "temp", "task_id", "n", "c"])
+        counts = pd.DataFrame(columns=["run_id", "task", "temp", "task_id", "n", "c", "generated"])
         unreadable = {r: "no MLflow store (rebuilt from a runs.csv), and the per-problem counts are artifacts in it"
                       for r in runs["run_id"]}
     else:

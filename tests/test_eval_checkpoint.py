@@ -5,6 +5,7 @@ Its context (1,024 bytes) holds the first HumanEval prompts but not MBPP's three
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -94,6 +95,20 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
             assert counts["task_ids"] == ids and ids[0].startswith(prefix) and len(ids) == 3
             assert counts["n"] == [2, 2, 2] and counts["c"] == [0, 0, 0] and counts["step"] == 1
             assert counts["temperature"] == t and counts["n_problems_in_task"] in (164, 500)
+            assert counts["generated"] == [task == "humaneval"] * 3  # MBPP's prompts did not fit: none drawn
+    # the report reads them back from MLflow: nothing passed, so every pass@k is at the floor, and says so
+    from analysis.passk_ci import floor_bound
+    from analysis.report import build_report
+
+    report, _, _ = build_report("eval-test", info["tracking_uri"], tmp_path / "report")
+    ci = pd.read_csv(tmp_path / "report" / "passk_ci.csv")
+    assert set(ci["task"]) == {"humaneval", "mbpp"} and ci["floor"].all()
+    assert (ci["problems"] == 3).all() and (ci["samples"] == 2).all() and (ci["lo"] == 0).all() and (ci["hi"] == 0).all()
+    assert "pass@k is at the floor everywhere" in report.read_text()
+    # HumanEval's 6 samples bound pass@1 from above; MBPP's zeros were never drawn and bound nothing
+    assert ci[ci["task"] == "humaneval"]["floor_bound"].tolist() == pytest.approx([floor_bound(6, 1)] * 2)  # run, config
+    assert ci[ci["task"] == "mbpp"]["floor_bound"].isna().all()
+    assert "not a measurement: no sample was generated" in report.read_text()
 
     # an unknown attention kernel: one line, exit 2, nothing written
     bad = tmp_path / "bad.json"

@@ -172,7 +172,7 @@ def log_runs(client: MlflowClient, experiment: str, root) -> dict[str, dict[floa
                 records = [{"task_id": f"HumanEval/{i}", "passed": j < c[t][i]} for i in range(P) for j in range(N)]
                 path = problems_path(run_dir, "humaneval", t)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(path, problems_record("humaneval", t, records, 100, 164))
+                write_json(path, problems_record("humaneval", t, records, 100, 164, {f"HumanEval/{i}" for i in range(P)}))
                 log_artifact_under(client, run_id, path, run_dir)
         client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
         client.set_terminated(run_id, "FINISHED")

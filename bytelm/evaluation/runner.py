@@ -23,7 +23,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 from tabulate import tabulate
 from tqdm import tqdm
@@ -260,11 +260,15 @@ def problems_path(run_dir: str | os.PathLike, task: str, temp: float) -> Path:
     return Path(run_dir) / "eval" / PROBLEMS_DIR / f"{task}_{temperature_name(temp)}.json"
 
 
-def problems_record(task: str, temp: float, records: list[dict], step: int | None, n_in_task: int) -> dict:
-    """The per-problem file's content: the counts as parallel lists in the benchmark's order."""
+def problems_record(task: str, temp: float, records: list[dict], step: int | None, n_in_task: int,
+                    generated: Collection[str]) -> dict:
+    """The per-problem file's content: the counts as parallel lists in the benchmark's
+    order, and whether each problem's samples were generated (false: its prompt did not
+    fit the context, and its samples score 0 without having been drawn)."""
     counts = problem_counts(records)
     return {"task": task, "temperature": temp, "step": step, "n_problems_in_task": n_in_task,
-            "task_ids": list(counts), "n": [int(v[0]) for v in counts.values()], "c": [int(v[1]) for v in counts.values()]}
+            "task_ids": list(counts), "n": [int(v[0]) for v in counts.values()], "c": [int(v[1]) for v in counts.values()],
+            "generated": [t in generated for t in counts]}
 
 
 @dataclass
@@ -422,7 +426,7 @@ def run_checkpoint(checkpoint: str | os.PathLike, tasks: list[str], s: EvalSetti
                 recs = sampler.sample_and_run(ex, task, problems, ids, temp, ti, truncated)
                 records += recs
                 per_t[f"{temp:g}"] = sc = score(recs)
-                problems_out[problems_path(run_dir, task, temp)] = problems_record(task, temp, recs, step, in_task)
+                problems_out[problems_path(run_dir, task, temp)] = problems_record(task, temp, recs, step, in_task, ids)
                 by_t[temp] = {int(k): v for k, v in sc["pass_at_k"].items()}
                 for k, v in sc["pass_at_k"].items():
                     metrics[f"pass_at_{k}/{task}/{temperature_name(temp)}"] = v
