@@ -186,7 +186,7 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
                else pd.DataFrame(columns=["run_id", "key", "step", "value"]))
     for fname, title, draw in (
         ("passk_vs_k.png", "pass@k against k", lambda p: plots.passk_vs_k(runs, p, ctx.passk)),
-        ("vs_n.png", "pass@1 and bits per byte against n", lambda p: plots.metrics_vs_n(runs, p)),
+        ("vs_n.png", "pass@1 and bits per byte against n", lambda p: plots.metrics_vs_n(runs, p, ctx.passk)),
         ("speedup_vs_heads.png", "speculative decoding against heads used and tree size", lambda p: plots.speedup_vs_heads(runs, p)),
         ("bpb_vs_bytes.png", "validation bits per byte against training bytes",
          lambda p: plots.bpb_curves(runs, history, p, "train/bytes_seen", "training bytes of text")),

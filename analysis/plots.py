@@ -98,9 +98,10 @@ def _bands(passk) -> pd.DataFrame:
     return iv[["label", "task", "k", "lo", "hi"]]
 
 
-def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
+def metrics_vs_n(runs: pd.DataFrame, path: Path, passk=None) -> bool:
     """pass@1 per task and validation bits per byte against n, one line per vocabulary
-    (mean over seeds; bars: standard deviation when there are several)."""
+    (mean over seeds; gray bars: standard deviation when there are several); with `passk`
+    each configuration's pass@1 point carries its 95% interval over problems."""
     keys = [(f"pass_at_1/{t}/best", f"{TASK_TITLES[t]} pass@1 (%)", 100) for t in TASKS if f"pass_at_1/{t}/best" in runs]
     if "val/bpb" in runs:
         keys.append(("val/bpb", "validation bits per byte", 1))
@@ -109,6 +110,7 @@ def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     style = styles(runs)
+    bands = _bands(passk)
     configs = runs.assign(config=runs["name"].map(config_label))
     for ax, (key, title, scale) in zip(axes[0], keys):
         for (vocab, g), ls in zip(runs.groupby("vocab"), ("-", "--", ":", "-.")):
@@ -121,13 +123,22 @@ def metrics_vs_n(runs: pd.DataFrame, path: Path) -> bool:
         for config, g in configs.groupby("config"):
             vals = pd.to_numeric(g[key], errors="coerce").dropna()
             if len(vals) and g["n"].notna().any():
-                ax.plot([int(g["n"].dropna().iloc[0])], [scale * vals.mean()], ls="none", label=config, **style[config])
+                x, y = int(g["n"].dropna().iloc[0]), scale * vals.mean()
+                ax.plot([x], [y], ls="none", label=config, **style[config])
+                ci = bands[(bands["label"] == config) & (bands["k"] == 1) & (bands["task"] == key.split("/")[1])]
+                if key.startswith("pass_at_1/") and len(ci):
+                    lo, hi = scale * ci["lo"].iloc[0], scale * ci["hi"].iloc[0]
+                    ax.errorbar([x], [y], yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], color=style[config]["color"],
+                                capsize=4, lw=1)
         ax.set_xlabel("n (future tokens predicted)")
         if scale == 100:  # pass@1: a rate
             ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    if len(bands):
+        fig.suptitle("coloured bars: 95% bootstrap interval of pass@1 over problems; gray bars: standard deviation "
+                     "over seeds", fontsize=9)
     _save(fig, path)
     return True
 
