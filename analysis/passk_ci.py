@@ -35,7 +35,7 @@ import itertools
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +189,10 @@ class Uncertainty:
     intervals: pd.DataFrame
     paired: pd.DataFrame
     markdown: str = ""
+    # per-problem pass@k of each configuration with an interval, seeds pooled, by
+    # (config_id, task, k): a section's own comparisons go through paired_difference
+    pooled: dict = field(default_factory=dict)
+    context: list[str] = field(default_factory=list)  # the columns a comparison stays within (context_axes)
 
     def config_ci(self, config_id: str, task: str, k: int) -> tuple[float, float, bool] | None:
         """A configuration's interval and whether it is at the floor, or None where unavailable."""
@@ -297,7 +301,7 @@ def uncertainty(runs: pd.DataFrame, counts: pd.DataFrame, unreadable: dict[str, 
     rows.sort(key=lambda r: (order.get(r["task"], len(order)), r["task"], r["k"], r["level"], r["label"], r["runs"]))
     intervals = pd.DataFrame(rows, columns=["level", "config_id", "label", "runs", "task", "k", "value", "lo", "hi",
                                             "problems", "samples", "floor", "floor_bound", "note"])
-    return Uncertainty(intervals, _paired(runs, intervals, pooled))
+    return Uncertainty(intervals, _paired(runs, intervals, pooled), pooled=pooled, context=context_axes(runs))
 
 
 def _config_note(notes: list[tuple[str, str]], n_runs: int) -> str:
@@ -316,12 +320,25 @@ def _samples(counts: pd.DataFrame, run: pd.Series, task: str, k: int) -> tuple[i
     return int(sel["n"].min()), int(sel.loc[sel["generated"], "n"].sum())
 
 
-def baselines(runs: pd.DataFrame) -> list[tuple[str, str]]:
-    """(config_id, baseline config_id) pairs to test: within each data set and
-    vocabulary, every configuration against each n = 1 configuration (the paper's
-    comparison), or against the smallest n where none has n = 1."""
-    pairs = []
+def context_axes(runs: pd.DataFrame) -> list[str]:
+    """The columns that set the scene of a comparison rather than name a configuration:
+    data set, vocabulary, and every other grid axis each of whose values holds both n = 1
+    and n > 1 runs (a model size does; a recipe axis whose values fix n does not)."""
     keys = [c for c in ("data", "vocab") if c in runs]
+    for col in sorted(c for c in runs.columns if c.startswith("grid.") and c not in ("grid.n", "grid.seed", "grid.vocab")):
+        ns = pd.to_numeric(runs["n"], errors="coerce")
+        groups = [ns[runs[col] == v] for v in runs[col].dropna().unique()]
+        if groups and all((g == 1).any() and (g > 1).any() for g in groups):
+            keys.append(col)
+    return keys
+
+
+def baselines(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(config_id, baseline config_id) pairs to test: within each context (context_axes:
+    data set, vocabulary, e.g. model size), every configuration against each n = 1
+    configuration (the paper's comparison), or against the smallest n where none has n = 1."""
+    pairs = []
+    keys = context_axes(runs)
     for _, group in (runs.groupby(keys, dropna=False, sort=False) if keys else [(None, runs)]):
         ns = pd.to_numeric(group["n"], errors="coerce")
         if ns.isna().all():
@@ -391,6 +408,10 @@ def _interval_note(r: pd.Series) -> str:
     return ""
 
 
+def _words(items: list[str]) -> str:
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _reading(r: pd.Series) -> str:
     """A paired row in words; the decision is the exact test's."""
     if r["differ"] == 0:
@@ -452,7 +473,9 @@ def markdown(unc: Uncertainty) -> str:
         md.append(f"\n**Paired comparisons** on the same problems (difference in points, {LEVEL:.0%} paired-bootstrap "
                   "interval; p: two-sided sign-flip test over problems, exact up to "
                   f"{EXACT_MAX} problems that differ, else {N_RESAMPLES:,} random sign patterns). Each configuration "
-                  "is compared with the n = 1 configuration of its data and vocabulary.\n")
+                  "is compared with the n = 1 configuration of its "
+                  + _words([{"data": "data set", "vocab": "vocabulary"}.get(k, k.removeprefix("grid.")) for k in unc.context])
+                  + ".\n")
         rows = []
         for _, r in pr.iterrows():
             if pd.isna(r["diff"]):

@@ -119,6 +119,21 @@ def test_sign_flip_monte_carlo_agrees_with_enumeration(monkeypatch):
         monkeypatch.undo()
 
 
+def test_comparisons_stay_within_a_model_size_and_not_within_a_recipe():
+    """n = 1 is the baseline within each data set, vocabulary and model size; a recipe
+    axis, whose values fix n, names configurations and is not a context."""
+    from analysis.passk_ci import baselines, context_axes
+
+    rows = [("100m", "n1", 1), ("100m", "equal", 8), ("100m", "seq2", 2), ("25m", "n1", 1), ("25m", "equal", 8)]
+    runs = pd.DataFrame({"data": "python-env", "vocab": "bytes", "grid.size": [r[0] for r in rows],
+                         "grid.recipe": [r[1] for r in rows], "n": [r[2] for r in rows],
+                         "config_id": [f"{r[0]}-{r[1]}" for r in rows]})
+    assert context_axes(runs) == ["data", "vocab", "grid.size"]
+    assert sorted(baselines(runs)) == [("100m-equal", "100m-n1"), ("100m-seq2", "100m-n1"), ("25m-equal", "25m-n1")]
+    # without n = 1, the smallest n is the baseline (and a size is no longer a context: no size has n = 1)
+    assert sorted(baselines(runs[runs["n"] > 1])) == [("100m-equal", "100m-seq2"), ("25m-equal", "100m-seq2")]
+
+
 def test_floor_bound():
     """No pass in S samples: the one-sided bound u has (1 - u)^S = 0.05; k samples at most k u."""
     u = floor_bound(200 * 164, 1)
