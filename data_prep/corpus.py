@@ -3,17 +3,21 @@
 It runs on datatrove (data_prep/pipeline.py). The read stage is a datatrove pipeline of
 N tasks over contiguous blocks of the input files, run by datatrove's local executor on
 every core (`--workers`); each task writes a part (its documents after filtering,
-decontamination and in-task exact dedup). The merge then walks the parts in order,
-removes the exact duplicates between parts (first copy kept), optionally removes
-near-duplicates with datatrove's MinHash stages, splits train/validation, applies the
-source weights, and streams the result into the corpus shards. Memory: one document per
-task, a batch of 1,000 rows for parquet, and the set of 16-byte content hashes seen (about
-100 bytes per document: some 250 MB for 2.5 million documents); MinHash adds datatrove's
-own bounded buffers and, in its clustering step, the duplicate pairs found.
+decontamination and in-task exact dedup). datatrove's exact dedup then finds the
+duplicates between parts (first copy kept) by a merge of per-part sorted signature files
+on disk, optionally datatrove's MinHash stages the near-duplicates; the merge walks the
+parts in order, splits train/validation, applies the source weights, and streams the
+result into the corpus shards. Memory does not grow with the corpus: a read task holds one
+document (a batch of 1,000 rows for parquet) and about 250 bytes per document of its part
+(the in-task dedup and the part's index), and the default task count grows with the input
+so that a task reads at most TASK_INPUT_BYTES of files; the cross-part merge holds one
+signature per part; the corpus write holds one part's index. MinHash adds datatrove's own
+bounded buffers and, in its clustering step, the duplicate pairs found.
 
 Rules:
-- dedupe: exact, by BLAKE2b-128 of the document's bytes; the first copy (in source
-  order) is kept, whatever the number of tasks;
+- dedupe: exact, by BLAKE2b-128 of the document's bytes inside a task, by xxhash64 of
+  that digest across tasks (data_prep/pipeline.py `exact_merge`); the first copy
+  (in source order) is kept, whatever the number of tasks;
 - near-duplicates (`--minhash`): datatrove's MinHash over whitespace-separated words
   (shingles of `minhash_ngram` words, lower-cased, whitespace and diacritics normalised,
   numbers and punctuation kept), `minhash_bands`
@@ -52,6 +56,7 @@ from bytelm.fileio import atomic_path, write_json
 from bytelm.shards import CORPUS_FORMAT, DEFAULT_SHARD_TOKENS, ShardWriter, sha256_file
 from data_prep.decontaminate import DEFAULT_NGRAM, RULE_VERSION, NgramIndex, load_benchmarks
 from data_prep.outputs import MANIFEST_FORMAT, check_output
+from data_prep.pipeline import MAX_TASKS
 from data_prep.sources import PYTHON_GLOBS, Source
 
 # The options that say which documents a corpus is made of: an output folder whose manifest
@@ -59,6 +64,7 @@ from data_prep.sources import PYTHON_GLOBS, Source
 # so (--overwrite).
 CORPUS_IDENTITY = ("sources", "globs", "text_field")
 TASKS_PER_WORKER = 4  # read tasks per worker by default: finer resume, balanced blocks
+TASK_INPUT_BYTES = 128 << 20  # by default, more tasks than that: a task's memory is bounded by its share
 WORK = ".work"  # DIR/.work/<key>/: datatrove logs, completions and parts; removed on success
 
 
@@ -102,6 +108,8 @@ class CorpusOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_doc_bytes < 0 or self.tasks < 0:
             raise UserError("--max-doc-bytes and --tasks must be >= 0")
+        if self.tasks > MAX_TASKS:
+            raise UserError(f"--tasks must be at most {MAX_TASKS}, got {self.tasks}")
         if self.executor not in ("local", "slurm"):
             raise UserError(f"--executor must be local or slurm, got {self.executor!r}")
         if self.executor == "slurm" and not self.slurm_partition:
@@ -229,6 +237,29 @@ def _run_minhash(parts: Path, work: Path, tasks: int, workers: int, opts: Corpus
     return remove
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # read (and reported) by the read stage
+        return 0
+
+
+def _exact_dedup(parts: Path, work: Path, tasks: int, workers: int, opts: CorpusOptions, duplicate: dict) -> None:
+    """The duplicates between parts (datatrove's merge of the read tasks' sorted signature
+    files) -> each part's keep.npy, counted into `duplicate`. Holds one part's index at a time."""
+    from data_prep.pipeline import duplicate_ids, exact_merge
+
+    run_stage([exact_merge(work)], 1, workers, work.parent / "logs" / "exact", opts)
+    for r in range(tasks):
+        part = parts / f"{r:05d}"
+        lengths = np.load(part / "index.npy", mmap_mode="r")["length"]
+        keep = np.ones(len(lengths), dtype=bool)
+        keep[duplicate_ids(work, r)] = False
+        duplicate["docs"] += int((~keep).sum())
+        duplicate["bytes"] += int(lengths[~keep].sum())
+        np.save(part / "keep.npy", keep)
+
+
 def run_stage(pipeline: list, tasks: int, workers: int, logging_dir: Path, opts: CorpusOptions) -> None:
     """Run one datatrove stage to completion: locally, or as a Slurm job array that this
     process waits for (finished tasks are skipped either way)."""
@@ -261,7 +292,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
     not make (data_prep/outputs.py), and one holding a corpus of other inputs unless
     `overwrite`.
     """
-    from data_prep.pipeline import Decontaminate, FilterDocuments, ReadFiles, WritePart
+    from data_prep.pipeline import Decontaminate, FilterDocuments, ReadFiles, WritePart, block_bounds, exact_signatures
 
     opts.check()
     sources = [Source(spec, tuple(opts.globs), opts.text_field, opts.follow_symlinks, opts.on_corrupt) for spec in opts.sources]
@@ -277,17 +308,20 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
     walk_skipped: list[dict] = [{} for _ in sources]
     units = [(si, name, str(path)) for si, s in enumerate(sources) for name, path in s.files(walk_skipped[si])]
     workers = workers or os.cpu_count() or 1
+    sizes = [_size(path) for _, _, path in units]
     # A byte budget is a prefix of the sources in order: one task reads until it is met.
-    tasks = 1 if opts.max_bytes else max(1, min(len(units), opts.tasks or TASKS_PER_WORKER * workers))
+    default_tasks = max(TASKS_PER_WORKER * workers, -(-sum(sizes) // TASK_INPUT_BYTES))
+    tasks = 1 if opts.max_bytes else max(1, min(len(units), opts.tasks or default_tasks, MAX_TASKS))
     work = out / WORK / key[:16]
     parts = work / "parts"
     index = NgramIndex.build(benchmarks, opts.ngram)
     counts: dict = {}
     read = [
-        ReadFiles(sources, units, counts),
+        ReadFiles(sources, units, block_bounds(sizes, tasks), counts),
         FilterDocuments(opts.where_filters(), opts.min_doc_bytes, opts.max_doc_bytes, counts),
         Decontaminate(index, counts),
         WritePart(str(parts), counts, opts.max_bytes),
+        exact_signatures(work / "exact"),
     ]
     timings = {} if timings is None else timings
     clock = time.perf_counter()
@@ -301,18 +335,7 @@ def build_corpus(out: Path, opts: CorpusOptions, workers: int = 0, overwrite: bo
     dropped = {"duplicate": _counter(), **{f"contaminated/{b.name}": _counter() for b in benchmarks}}
     for k, v in totals.get("dropped", {}).items():
         dropped[k] = v
-    seen: set[bytes] = set()
-    for r in range(tasks):
-        idx = np.load(parts / f"{r:05d}" / "index.npy")
-        keep = np.ones(len(idx), dtype=bool)
-        for i, (h, n) in enumerate(zip(idx["digest"].tolist(), idx["length"].tolist())):
-            if h in seen:
-                keep[i] = False
-                _add(dropped["duplicate"], n)
-            else:
-                seen.add(h)
-        np.save(parts / f"{r:05d}" / "keep.npy", keep)
-    del seen
+    _exact_dedup(parts, work / "exact", tasks, workers, opts, dropped["duplicate"])
     timings["exact_dedup"], clock = time.perf_counter() - clock, time.perf_counter()
 
     remove_dir = None

@@ -1,9 +1,9 @@
 """The corpus stage's datatrove pieces: steps, the part files between stages, executors.
 
 The read stage is one datatrove pipeline run as N tasks; task r takes a contiguous block
-of the input files (in source order) and runs
+of the input files (in source order, blocks of about equal input bytes) and runs
 
-    ReadFiles -> FilterDocuments (--where, size) -> Decontaminate -> WritePart
+    ReadFiles -> FilterDocuments (--where, size) -> Decontaminate -> WritePart -> exact_signatures
 
 `WritePart` removes exact duplicates inside the task (first copy kept) and writes the
 survivors as one *part*: `parts/{r:05d}/docs.bin` (the documents' bytes, concatenated),
@@ -11,8 +11,14 @@ survivors as one *part*: `parts/{r:05d}/docs.bin` (the documents' bytes, concate
 `counts.json` (what each step read, skipped and dropped). A part is built under a
 temporary name and renamed into place before datatrove marks the task completed, so a
 killed run restarted with the same inputs skips the finished tasks and never reads a
-half-written part. MinHash signatures are computed by datatrove's own steps over
-`ReadParts` (the parts' documents that survive exact deduplication).
+half-written part.
+
+The read stage ends with datatrove's `ExactDedupSignature` (`exact_signatures`): the
+part's signatures, sorted, on disk. Its exact duplicates of earlier parts are then found by
+datatrove's `ExactFindDedups` (`exact_merge`): one k-way heap merge over those files, which
+holds one signature per part, whatever the number of documents.
+MinHash signatures are computed by datatrove's own steps over `ReadParts` (the parts'
+documents that survive exact deduplication).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 from datatrove.data import Document as DTDocument
 from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature, ExactFindDedups
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -49,9 +56,15 @@ def _count(c: dict, key: str, n_bytes: int) -> None:
     e["bytes"] += n_bytes
 
 
-def blocks(n_units: int, tasks: int, rank: int) -> range:
-    """The contiguous block of input files of task `rank` out of `tasks`."""
-    return range(rank * n_units // tasks, (rank + 1) * n_units // tasks)
+def block_bounds(sizes: list[int], tasks: int) -> list[int]:
+    """Where each task's contiguous block of input files starts (and the end): blocks of
+    about total/tasks input bytes each, so that no task holds more than its share (a file
+    larger than the share is one task's alone)."""
+    ends = np.cumsum(sizes, dtype=np.int64)
+    total = int(ends[-1]) if len(sizes) else 0
+    starts = [int(np.searchsorted(ends, r * total / tasks, side="right")) for r in range(tasks)] + [len(sizes)]
+    starts[0] = 0
+    return starts
 
 
 class ReadFiles(PipelineStep):
@@ -60,13 +73,13 @@ class ReadFiles(PipelineStep):
     name = "bytelm sources"
     type = "📖 - READER"
 
-    def __init__(self, sources: list[Source], units: list[tuple[int, str, str]], counts: dict):
+    def __init__(self, sources: list[Source], units: list[tuple[int, str, str]], bounds: list[int], counts: dict):
         super().__init__()
-        self.sources, self.units, self.counts = sources, units, counts
+        self.sources, self.units, self.bounds, self.counts = sources, units, bounds, counts
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[DTDocument]:
         per_source = self.counts.setdefault("sources", {})
-        for u in blocks(len(self.units), world_size, rank):
+        for u in range(self.bounds[rank], self.bounds[rank + 1]):
             si, name, path = self.units[u]
             c = per_source.setdefault(str(si), {"read": {"docs": 0, "bytes": 0}, "skipped": {}})
             for d in self.sources[si].read_file(si, name, Path(path), c["skipped"]):
@@ -129,6 +142,7 @@ class Decontaminate(BaseFilter):
 
 class WritePart(PipelineStep):
     """Exact dedup inside the task (first copy kept), then the task's part, written atomically.
+    Passes on each kept document's digest (for `exact_signatures`).
 
     `max_bytes` > 0 (only with a single task) stops once that many bytes are kept.
     """
@@ -162,6 +176,7 @@ class WritePart(PipelineStep):
                 except UnicodeDecodeError:
                     utf8 = False
                 f.write(raw)
+                yield DTDocument(text="", id=str(len(index)), metadata={"digest": h, "part": rank})
                 index.append((h, len(raw), doc.metadata["source"], utf8))
                 kept += len(raw)
                 self.stat_update("kept")
@@ -174,7 +189,6 @@ class WritePart(PipelineStep):
         (tmp / "counts.json").write_text(json.dumps(self.counts, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        return iter(())
 
 
 def read_part(folder: Path) -> tuple[np.ndarray, Iterator[bytes]]:
@@ -206,6 +220,44 @@ class ReadParts(PipelineStep):
         for i, raw in enumerate(docs):
             if keep[i]:
                 yield DTDocument(text=raw.decode("utf-8", errors="replace"), id=str(i), metadata={"i": i})
+
+
+# datatrove's exact dedup keeps, of the documents sharing a hash, the one of highest
+# priority (1..65535): part r has priority MAX_TASKS + 1 - r, so the copy of the earliest part
+# is kept; inside a part there is none left to choose (WritePart kept the first).
+MAX_TASKS = 65534
+
+
+def part_digest(doc: DTDocument) -> bytes:
+    return doc.metadata["digest"]
+
+
+def earlier_part_first(doc: DTDocument) -> int:
+    return MAX_TASKS + 1 - doc.metadata["part"]
+
+
+def _exact_config() -> ExactDedupConfig:
+    return ExactDedupConfig(content_getter=part_digest, document_priority=earlier_part_first)
+
+
+def exact_signatures(work: Path) -> ExactDedupSignature:
+    """The read stage's last step: the part's signatures, sorted, to `work/sigs/`. The hash
+    is xxhash64 of the BLAKE2b-128 digest: two different documents are taken for copies
+    with probability about n^2 / 2^65 for n documents (1e-5 at 20 million)."""
+    return ExactDedupSignature(str(work / "sigs"), config=_exact_config())
+
+
+def exact_merge(work: Path) -> ExactFindDedups:
+    """One task: the heap merge of every part's sorted signature file, which writes, for part
+    r, the numbers of its documents that repeat one of an earlier part to
+    `work/dups/00000/{r:05d}.c4_dup` (read back by `duplicate_ids`)."""
+    return ExactFindDedups(str(work / "sigs"), str(work / "dups"), config=_exact_config())
+
+
+def duplicate_ids(work: Path, rank: int) -> np.ndarray:
+    """Numbers (in part `rank`) of the documents that `exact_merge` found to repeat an earlier one."""
+    found = [np.fromfile(f, dtype="<u4") for f in sorted((work / "dups").glob(f"*/{rank:05d}.c4_dup"))]
+    return np.concatenate(found) if found else np.zeros(0, dtype="<u4")
 
 
 class CodeWords(WordTokenizer):

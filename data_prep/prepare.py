@@ -123,7 +123,7 @@ def prepare(opts: PrepareOptions) -> dict:
         for name, tok in arms:
             with timed(f"{name}_shards"):
                 for split in ("train", "val"):
-                    m = encode_split(out / "corpus" / split, out / name / split, tok, manifest_sha, opts.shard_tokens)
+                    m = encode_split(out / "corpus" / split, out / name / split, tok, manifest_sha, opts.shard_tokens, opts.workers, opts.corpus)
                     rows.append([name, split, m["n_docs"], m["n_text_bytes"], m["n_tokens"], m["n_text_bytes"] / max(1, m["n_tokens"] - m["n_docs"])])
     except BaseException:
         if created:
@@ -176,7 +176,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minhash-bands", type=int, help="MinHash bands (default: 14)")
     p.add_argument("--minhash-rows", type=int, help="MinHash hashes per band (default: 8; threshold about (1/bands)^(1/rows) = 0.72)")
     p.add_argument("--minhash-seed", type=int, help="MinHash hash-function seed (default: 1)")
-    p.add_argument("--executor", choices=["local", "slurm"], help="where the corpus stage's tasks run: local processes (default) or Slurm job arrays (sbatch; this command waits for them)")
+    p.add_argument("--executor", choices=["local", "slurm"], help="where the corpus and encoding stages' tasks run: local processes (default) or Slurm job arrays (sbatch; this command waits for them)")
     p.add_argument("--slurm-partition", help="Slurm partition for --executor slurm")
     p.add_argument("--slurm-time", help="Slurm time limit per job (default: 24:00:00)")
     p.add_argument("--tasks", type=int, help="read tasks of the corpus stage (default: 4 per worker, at most one per input file)")

@@ -254,9 +254,210 @@ def test_slurm_executor_gives_the_local_corpus(tmp_path, slurm_cluster, monkeypa
     for i in range(30):
         (src / f"f{i:02d}.py").write_text(doc(i % 24))
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster))
-    m = build(tmp_path / "slurm", [src], val_share=0.3, tasks=3, minhash=True, minhash_bands=2, executor="slurm", slurm_partition="debug")
-    local = build(tmp_path / "local", [src], val_share=0.3, tasks=3, minhash=True, minhash_bands=2)
+    slurm = dict(executor="slurm", slurm_partition="debug")
+    # corpus shards of 300 bytes: the encoding's job array has one task per shard
+    m = build(tmp_path / "slurm", [src], val_share=0.3, tasks=3, minhash=True, minhash_bands=2, shard_bytes=300, **slurm)
+    local = build(tmp_path / "local", [src], val_share=0.3, tasks=3, minhash=True, minhash_bands=2, shard_bytes=300)
     assert corpus_docs(tmp_path / "slurm") == corpus_docs(tmp_path / "local")
     assert m["dropped"] == local["dropped"] and m["dropped"]["duplicate"]["docs"] == 6
+    # Token shards: a job array over the corpus shards, merged here, equal to the local encoding.
+    from bytelm.tokenizers import ByteTokenizer
+    from data_prep.sharding import encode_split
+
+    split = tmp_path / "slurm" / "corpus" / "train"
+    assert len(json.loads((split / "meta.json").read_text())["shards"]) >= 3
+    encode_split(split, tmp_path / "slurm" / "bytes" / "train", ByteTokenizer(), "m", 256, executor=CorpusOptions(**slurm))
+    encode_split(split, tmp_path / "local" / "bytes" / "train", ByteTokenizer(), "m", 256, workers=1)
+    assert _files(tmp_path / "slurm" / "bytes" / "train") == _files(tmp_path / "local" / "bytes" / "train")
+    assert _meta(tmp_path / "slurm" / "bytes" / "train") == _meta(tmp_path / "local" / "bytes" / "train")
     with pytest.raises(UserError, match="needs --slurm-partition"):
         build(tmp_path / "x", [src], executor="slurm")
+
+
+
+def _signatures_with_copies(work, n_parts: int, n: int, seed: int) -> list[list[int]]:
+    """The read stage's signature files of n_parts parts of n random digests each, about a
+    tenth of them copies of a digest of an earlier part; returns, per part, the numbers of
+    its documents that repeat an earlier one."""
+    import numpy as np
+    from datatrove.data import Document
+
+    from data_prep.pipeline import exact_signatures
+
+    rng = np.random.default_rng(seed)
+    earlier: list[bytes] = []
+    repeats = []
+    for r in range(n_parts):
+        fresh, docs, repeat = rng.bytes(16 * n), [], []
+        for i in range(n):
+            if earlier and rng.random() < 0.1:
+                h = earlier[int(rng.integers(len(earlier)))]
+                repeat.append(i)
+            else:
+                h = fresh[16 * i : 16 * i + 16]
+            docs.append(Document(text="", id=str(i), metadata={"digest": h, "part": r}))
+        earlier += [d.metadata["digest"] for d in docs]
+        exact_signatures(work).run(iter(docs), rank=r, world_size=n_parts)
+        repeats.append(repeat)
+    return repeats
+
+
+def test_exact_dedup_merge_holds_one_signature_per_part(tmp_path):
+    """The cross-part merge (datatrove's heap merge of the sorted signature files) finds every
+    copy of an earlier part's document, and its Python memory peak does not grow with the
+    number of documents: 10 times the documents, under 1.5 times the peak (a set of the
+    hashes seen, as before, grows 10 times)."""
+    import tracemalloc
+
+    from data_prep.pipeline import duplicate_ids, exact_merge
+
+    peaks = []
+    for n in (2_000, 20_000):
+        work = tmp_path / f"work{n}"
+        repeats = _signatures_with_copies(work, 4, n, seed=n)
+        tracemalloc.start()
+        exact_merge(work).run(rank=0, world_size=1)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert [sorted(duplicate_ids(work, r).tolist()) for r in range(4)] == repeats
+    assert peaks[1] < 1.5 * peaks[0], peaks
+
+
+def test_read_blocks_share_the_input_bytes():
+    import random
+
+    from data_prep.pipeline import block_bounds
+
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [rng.choice([0, 1, 10, 1000, rng.randrange(5000)]) for _ in range(rng.randrange(1, 40))]
+        tasks = rng.randrange(1, len(sizes) + 1)
+        b = block_bounds(sizes, tasks)
+        assert b[0] == 0 and b[-1] == len(sizes) and b == sorted(b) and len(b) == tasks + 1
+        for r in range(tasks):  # a block holds its share, give or take one file
+            assert sum(sizes[b[r] : b[r + 1]]) <= sum(sizes) / tasks + max(sizes)
+
+
+def _corpus_split(split, docs: list[bytes], shard_bytes: int) -> None:
+    from bytelm.shards import CORPUS_FORMAT, ShardWriter
+
+    with ShardWriter(split, "uint8", None, {"source": "test"}, shard_bytes, CORPUS_FORMAT) as w:
+        for d in docs:
+            w.add(d, len(d))
+
+
+def _reference_split(corpus_split, out_split, tokenizer, shard_tokens: int) -> None:
+    """The split as one process writes it, document by document (the encoding before tasks)."""
+    import numpy as np
+
+    from bytelm.shards import ShardWriter, token_dtype
+
+    desc = tokenizer.describe()
+    skipped = {"non_utf8_docs": 0, "non_utf8_bytes": 0}
+    if tokenizer.kind == "bpe":
+        desc["path"] = "bpe/tokenizer.json"
+    meta = {"tokenizer": desc, "manifest_sha256": "m", "skipped": skipped}
+    with ShardWriter(out_split, token_dtype(tokenizer.vocab_size), tokenizer.eos_id, meta, shard_tokens) as w:
+        for d in iter_documents(corpus_split):
+            if tokenizer.kind == "bytes":
+                w.add(np.frombuffer(d, dtype=np.uint8), len(d))
+                continue
+            try:
+                text = d.decode("utf-8")
+            except UnicodeDecodeError:
+                skipped["non_utf8_docs"] += 1
+                skipped["non_utf8_bytes"] += len(d)
+                continue
+            w.add(np.asarray(tokenizer.encode(text), dtype=np.int64), len(d))
+
+
+def _files(split) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(split.iterdir()) if p.name != "meta.json"}
+
+
+def _meta(split) -> dict:
+    m = json.loads((split / "meta.json").read_text())
+    m.pop("key", None), m.pop("tokenizer_sha256", None)
+    return m
+
+
+@pytest.fixture
+def multi_shard_corpus(tmp_path):
+    """A corpus split of 6 shards of 65,536 bytes: small documents, one non-UTF-8, and one
+    of 150 kB that spans three shards (so one shard starts no document)."""
+    import random
+
+    rng = random.Random(0)
+    docs = [doc(i).encode() * rng.randrange(1, 60) for i in range(120)]
+    docs.insert(40, "".join(doc(i) for i in range(3000)).encode()[:150_000])
+    docs.insert(7, b"# caf\xe9\n" * 10)
+    split = tmp_path / "d" / "corpus" / "train"
+    _corpus_split(split, docs, 1 << 16)
+    assert len(json.loads((split / "meta.json").read_text())["shards"]) >= 5
+    return split
+
+
+def test_encoding_tasks_give_the_one_process_shards(multi_shard_corpus, smoke_data, monkeypatch):
+    """One task per corpus shard, in a process pool, merged: the same files as encoding the
+    split document by document in one process, for bytes and for BPE."""
+    from bytelm.tokenizers import BPETokenizer, ByteTokenizer
+    from data_prep import sharding
+    from data_prep.sharding import encode_split
+
+    monkeypatch.setattr(sharding, "BYTES_PER_PROCESS", 1 << 16)  # the pool, on a small split
+
+    d = multi_shard_corpus.parent.parent
+    for tok in (ByteTokenizer(), BPETokenizer(smoke_data / "bpe" / "tokenizer.json")):
+        out = d / tok.kind / "train"
+        meta = encode_split(multi_shard_corpus, out, tok, "m", 1 << 16, workers=2)
+        _reference_split(multi_shard_corpus, d / "ref" / tok.kind, tok, 1 << 16)
+        assert _files(out) == _files(d / "ref" / tok.kind) and len(_files(out)) >= 6
+        assert _meta(out) == _meta(d / "ref" / tok.kind)
+        assert meta["skipped"]["non_utf8_docs"] == (tok.kind == "bpe")
+    assert not (d / ".work").exists()
+
+
+def test_killed_encoding_resumes_from_finished_tasks(multi_shard_corpus):
+    from bytelm.tokenizers import ByteTokenizer
+    from data_prep import sharding
+    from data_prep.sharding import encode_split
+
+    d = multi_shard_corpus.parent.parent
+    out = d / "bytes" / "train"
+    pid = os.fork()
+    if pid == 0:  # a run killed (as by kill -9) in the middle of task 2
+        os.setsid()
+        try:
+            run = sharding.EncodeShard.run
+
+            def dies_in_task_2(self, data=None, rank=0, world_size=1):
+                if rank == 2:
+                    os._exit(9)
+                return run(self, data, rank, world_size)
+
+            sharding.EncodeShard.run = dies_in_task_2
+            encode_split(multi_shard_corpus, out, ByteTokenizer(), "m", 1 << 16, workers=1)
+        finally:
+            os._exit(1)
+    assert os.waitpid(pid, 0)[1] >> 8 == 9
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    work = next((d / ".work" / "encode").iterdir())
+    assert sorted(p.name for p in (work / "tasks").iterdir()) == ["00000", "00001"]
+    assert not out.exists()  # nothing training would open
+    ran = []
+    run = sharding.EncodeShard.run
+
+    def records(self, data=None, rank=0, world_size=1):
+        ran.append(rank)
+        return run(self, data, rank, world_size)
+
+    sharding.EncodeShard.run = records
+    try:
+        encode_split(multi_shard_corpus, out, ByteTokenizer(), "m", 1 << 16, workers=1)
+    finally:
+        sharding.EncodeShard.run = run
+    n_tasks = len(json.loads((multi_shard_corpus / "meta.json").read_text())["shards"])
+    assert ran == list(range(2, n_tasks))  # the finished tasks were not run again
+    _reference_split(multi_shard_corpus, d / "ref", ByteTokenizer(), 1 << 16)
+    assert _files(out) == _files(d / "ref") and not (d / ".work").exists()
