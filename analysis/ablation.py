@@ -109,8 +109,7 @@ def paper_side_by_side(df: pd.DataFrame, runs: pd.DataFrame) -> str:
         group = runs[(runs["config_id"] == r["config_id"]) & (runs["vocab"] == r["vocab"]) & (runs["n"] == r["n"])]
         cells = [VOCAB_TITLES.get(r["vocab"], r["vocab"]), int(r["n"])] + ([r["config"]] if "config" in df else [])
         for task in TASKS:
-            ours = [r.get(f"pass_at_{k}/{task}/best", np.nan) for k in KS]
-            cells.append(" / ".join("–" if pd.isna(v) else f"{100 * v:.1f}" for v in ours))
+            cells.append(" / ".join(_ours(r, f"pass_at_{k}/{task}/best") for k in KS))
             cells.append(rests_on(group, task))
             cells.append(" / ".join(f"{v:.1f}" for v in paper[task]))
         rows.append(cells)
@@ -120,6 +119,18 @@ def paper_side_by_side(df: pd.DataFrame, runs: pd.DataFrame) -> str:
     for task in TASKS:
         headers += [f"{TASK_TITLES[task]} ours", f"{TASK_TITLES[task]} ours rest on", f"{TASK_TITLES[task]} paper"]
     return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def _ours(r: pd.Series, key: str) -> str:
+    """One of our pass@k beside the paper's: the value with its interval over problems
+    where the report has one, "none passed" at the floor."""
+    v = r.get(key, np.nan)
+    if pd.isna(v):
+        return "–"
+    if pd.notna(r.get(f"{key}:lo", np.nan)):
+        return f"{100 * v:.1f} [{100 * r[f'{key}:lo']:.1f}, {100 * r[f'{key}:hi']:.1f}]"
+    floor = r.get(f"{key}:floor", np.nan)
+    return f"{100 * v:.1f}" + (" (none passed)" if pd.notna(floor) and bool(floor) else "")
 
 
 def s3_side_by_side(runs: pd.DataFrame) -> tuple[str, str]:
@@ -220,7 +231,8 @@ def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     side = paper_side_by_side(df, runs) if not pass_metrics(runs).empty else ""
     if side:
         md += ["\n### Beside the paper's Table 1\n",
-               "pass@1 / @10 / @100 (%), ours (mean over seeds) and the paper's row of the same vocabulary and n "
+               "pass@1 / @10 / @100 (%), ours (mean over seeds, with the 95% interval over problems where there "
+               "is one) and the paper's row of the same vocabulary and n "
                f"(bytes: {PAPER_DATA['bytes']}; BPE: the paper's 32k-token models, {PAPER_DATA['bpe']}). "
                "Ours rest on the problems and samples per problem and temperature named beside them; the paper's on "
                "every problem with 200 samples.\n", side, f"\n*{TABLE1_CAPTION}*\n"]

@@ -263,7 +263,7 @@ def _row(level: str, config_id: str, label: str, names: list[str], task: str, k:
 def uncertainty(runs: pd.DataFrame, counts: pd.DataFrame, unreadable: dict[str, str] | None = None) -> Uncertainty:
     """Intervals of every run and configuration (runs grouped by config_id, labelled by
     their name without the seed) and each configuration's paired comparisons with the
-    n = 1 configurations of its data and vocabulary (or, without one, the smallest n)."""
+    n = 1 configurations of its context (`baselines`)."""
     from analysis.plots import config_label
 
     unreadable = unreadable or {}

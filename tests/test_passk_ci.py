@@ -175,7 +175,9 @@ def log_runs(client: MlflowClient, experiment: str, root) -> dict[str, dict[floa
             c = {t: np.zeros(P, dtype=int) for t in TEMPS}
         if seed == 1:  # the second seed solves problem 19 once more
             c = {t: np.where(np.arange(P) == 19, np.minimum(v + 1, N), v) for t, v in c.items()}
-        metrics, run_dir = [Metric("val/bpb", 1.0 + n / 100, 0, 100), Metric("eval/n_samples", N, 0, 100)], root / name
+        metrics = [Metric("val/bpb", 1.0 + n / 100, 0, 100), Metric("eval/n_samples", N, 0, 100),
+                   Metric("eval/humaneval/problems", P, 0, 100), Metric("eval/humaneval/problems_in_task", 164, 0, 100)]
+        run_dir = root / name
         by_t = {t: benchmark_pass_at_k([(N, int(x)) for x in c[t]], [1, 10]) for t in TEMPS}
         for k in (1, 10):
             best_t = max(TEMPS, key=lambda t: (by_t[t][k], -t))
@@ -224,6 +226,9 @@ def test_report_gives_intervals_paired_tests_and_says_what_is_missing(tmp_path):
             if line.startswith("| python-env")}
     assert rows["16"].count("0.0 (none passed)") == 2 and "[0.0, 0.0]" not in text.split("### pass@k with")[0]
     assert "at the floor, not one sample of any problem passed (2 cells)" in text
+    beside = text.split("### Beside the paper's Table 1")[1].split("###")[0]  # ours next to the paper's n = 8 bytes row
+    assert f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] / " in beside and "21.8 / 34.1 / 57.9" in beside
+    assert "20 of 164 problems, 10 samples" in beside
 
     # the paired test: n = 8 against n = 1 differs on exactly problems 0-5, all in its favour: p = 2/64
     paired = pd.read_csv(tmp_path / "out" / "passk_paired.csv")
