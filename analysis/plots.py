@@ -143,20 +143,25 @@ def metrics_vs_n(runs: pd.DataFrame, path: Path, passk=None) -> bool:
     return True
 
 
-def speedup_vs_heads(runs: pd.DataFrame, path: Path) -> bool:
+def speedup_vs_heads(runs: pd.DataFrame, path: Path, batch: int | None = None) -> bool:
     """Speculative-decoding speedup and bytes per forward against the positions a step
     verifies per row: a chain of k heads (k, solid) and trees of N nodes (N, dashed, square
     markers) side by side (the paper's Table S3 as a figure; its 7B byte models' chains
-    drawn dashed gray for reference)."""
+    drawn dashed gray for reference). `batch`: the batch size drawn (default: the
+    smallest benchmarked); False where it was not benchmarked."""
     every = spec_metrics(runs)
     spec = every[~every["flagged"]]  # a flagged timing is not drawn as a result
     if spec.empty:
         return False
     prompts = "code" if "code" in set(spec["prompts"]) else sorted(spec["prompts"])[0]
     spec = spec[spec["prompts"] == prompts]
-    left_out = every[every["flagged"] & (every["prompts"] == prompts) & (every["what"] == "speedup")]
-    batch = int(spec["batch"].min())
-    spec = spec[spec["batch"] == batch].merge(runs[["run_id", "name", "vocab"]], on="run_id")
+    batch = int(spec["batch"].min()) if batch is None else batch
+    left_out = every[every["flagged"] & (every["prompts"] == prompts) & (every["what"] == "speedup") &
+                     (every["batch"] == batch)]
+    spec = spec[spec["batch"] == batch]
+    if spec.empty:
+        return False
+    spec = spec.merge(runs[["run_id", "name", "vocab"]], on="run_id")
     spec["config"] = spec["name"].map(config_label)
     style = styles(runs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

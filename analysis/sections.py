@@ -25,6 +25,7 @@ SECTIONS: dict[str, str | Callable] = {
     "ablation": "analysis.ablation:section",  # the n × vocabulary study (paper Table 1, S3)
     "induction": "analysis.synthetic:induction_section",  # paper Fig. 7 (docs/synthetic.md)
     "poly": "analysis.synthetic:poly_section",  # paper Fig. 8
+    "small_mtp": "analysis.small_mtp:section",  # recipes for better and faster at ~100M (docs/results/small-mtp)
 }
 
 
