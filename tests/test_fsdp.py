@@ -5,7 +5,6 @@ must be the unsharded files a single process writes and resumes from (and vice v
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,16 +40,11 @@ def rows(run_dir):
     return {r["step"]: r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_fsdp(run_dir, overrides, script=None):
     """`torchrun --nproc_per_node 2 -m bytelm train ... train.parallel=fsdp` (or `script`)."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    # --standalone: torchrun binds a free port itself (a port picked here could be taken before it binds)
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--standalone"]
     cmd += [str(script)] if script else ["-m", "bytelm"]
     cmd += ["train", "--config", str(SMOKE), "--run-dir", str(run_dir)]
     for o in [*overrides, "train.parallel=fsdp"]:

@@ -2,12 +2,9 @@
 forward curriculum's head-1 stage equal to an n = 1 run, exact resume mid-schedule, and
 one clear error for a bad setting."""
 
-import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from bytelm.mtp_schedule import head_weights
 from bytelm.paths import config_path
 from bytelm.shards import ShardDataset
 from bytelm.train import train
+from tests.killed_training import kill_and_resume
 
 SMOKE = config_path("configs/smoke.yaml")
 
@@ -95,7 +93,6 @@ def test_other_bad_settings_name_their_key():
 
 
 def rows(run_dir):
-    # polled while a trainer writes it: a line cut off mid-append is dropped
     return {r["step"]: r for r in read_jsonl(Path(run_dir) / "metrics.jsonl", appending=True) if "loss" in r}
 
 
@@ -165,26 +162,14 @@ def test_exact_resume_mid_schedule_after_sigkill(smoke_data, tmp_path):
     """A cosine ramp (a new weight every step) with stages: a run killed with SIGKILL
     mid-ramp and restarted logs the same losses and weights as one never interrupted."""
     common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=16", "train.log_every=1",
-              "train.checkpoint_every=4", "train.eval_every=1000", "train.batch_size=8", "model.n_future=3", "train.mtp_schedule.kind=cosine",
+              "train.checkpoint_every=4", "train.eval_every=1000", "train.batch_size=8", "model.context=128",
+              "model.n_future=3", "train.mtp_schedule.kind=cosine",
               "train.mtp_schedule.start=0.0", "train.mtp_schedule.end=0.8", "train.mtp_schedule.share=0.75",
               "train.mtp_schedule.extra_scale=0.5"]
     train(load_config(SMOKE, common), tmp_path / "straight")
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(run)]
-    for o in common:
-        cmd += ["--set", o]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").exists() and max(rows(run), default=0) >= 6:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert max(rows(run)) < 12 and ckpt.list_checkpoints(run)
-
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    kill_and_resume(SMOKE, run, common, after=6, before=12)  # mid-ramp
     a, b = rows(tmp_path / "straight"), rows(run)
     assert sorted(a) == sorted(b) == list(range(1, 17))
     keys = ["loss", "mtp/weight/head_2", "mtp/weight/head_3"]

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from bytelm.fileio import read_jsonl
 from bytelm.model import MTPTransformer
 from bytelm.paths import config_path
 from bytelm.train import train
+from tests.killed_training import kill_and_resume
 
 SMOKE = config_path("configs/smoke.yaml")
 
@@ -27,9 +26,7 @@ def cfg_for(smoke_data, *overrides):
 
 
 def losses(run_dir):
-    # the test polls a file a trainer is writing: a line cut off mid-append is dropped
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl", appending=True)
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.mark.parametrize("tokenizer,head_type,n", [("bytes", "unembed", 4), ("bpe", "transformer", 2)])
@@ -51,25 +48,12 @@ def test_exact_resume_after_sigkill(smoke_data, tmp_path):
     """A run killed with SIGKILL and restarted logs the same losses, step for step, as
     one that was never interrupted (CPU, float32, same seed)."""
     common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=30", "train.log_every=1",
-              "train.checkpoint_every=5", "train.eval_every=1000", "model.n_future=2"]
+              "train.checkpoint_every=5", "train.eval_every=1000", "model.n_future=2", "train.batch_size=8",
+              "model.context=128"]
     train(load_config(SMOKE, common), tmp_path / "straight")
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "bytelm", "train", "--config", str(SMOKE), "--run-dir", str(run)]
-    for o in common:
-        cmd += ["--set", o]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 12:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = max(losses(run))
-    assert killed_at < 30 and ckpt.list_checkpoints(run)
-
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    kill_and_resume(SMOKE, run, common, after=12, before=30)
     a, b = losses(tmp_path / "straight"), losses(run)
     assert sorted(a) == sorted(b) == list(range(1, 31))
     assert a == b  # exact equality, including the steps after the restart
@@ -139,10 +123,12 @@ def test_two_processes_match_one_with_the_same_global_batch(smoke_data, tmp_path
     gradients are averaged; one process does the same with 2 accumulation steps. The
     data order and the losses match (up to float32 summation order)."""
     common = [f"data.root={smoke_data}", "tracking.mlflow=false", "train.steps=6", "train.log_every=1",
-              "train.eval_every=1000", "train.batch_size=8", "train.micro_batch_size=4", "model.n_future=2"]
+              "train.eval_every=1000", "train.batch_size=8", "train.micro_batch_size=4", "model.n_future=2",
+              "model.context=128"]
     train(load_config(SMOKE, common), tmp_path / "one")
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "bytelm", "train",
+    # --standalone: torchrun takes a free port (a fixed one collides with another test session on the host)
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--standalone", "-m", "bytelm", "train",
            "--config", str(SMOKE), "--run-dir", str(tmp_path / "two")]
     for o in common:
         cmd += ["--set", o]
