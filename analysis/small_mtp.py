@@ -17,7 +17,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from analysis import plots
-from analysis.runs import metric_history, spec_metrics
+from analysis.runs import config_params, metric_history, spec_metrics
 from analysis.sections import ReportContext, Section
 from analysis.tables import with_config_column
 from bytelm.fileio import write_text
@@ -42,9 +42,11 @@ def budgets(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Per run, the bytes of text it trained on as its budget (steps reached × batch ×
     context, in tokens = bytes here), and why a run is not comparable: '' for the runs of
     the study's budget (the one most runs planned), else the reason."""
-    planned = _num(runs, "params.train.steps")
+    cfg = config_params(runs)  # a key a run did not log holds its default
+    planned = pd.to_numeric(cfg["train.steps"], errors="coerce")
     reached = _num(runs, "train_step").fillna(planned)
-    per_step = _num(runs, "params.train.batch_size") * _num(runs, "params.model.context")
+    per_step = pd.to_numeric(cfg["train.batch_size"], errors="coerce") * pd.to_numeric(cfg["model.context"],
+                                                                                       errors="coerce")
     budget = reached * per_step
     planned_budget = planned * per_step
     target = planned_budget.mode().iloc[0] if planned_budget.notna().any() else np.nan
@@ -144,14 +146,14 @@ def run_table(runs: pd.DataFrame, budget: pd.Series, why: pd.Series, batches: li
     """One row per run, every run of the study: what it is, what it trained on, its
     bits per byte per head, the training-time drafting telemetry and its decoding."""
     spec = spec_metrics(runs)
+    planned = pd.to_numeric(config_params(runs)["train.steps"], errors="coerce")
     rows = []
     for i, r in runs.iterrows():
         n = int(r["n"]) if pd.notna(r["n"]) else 1
         heads = [r.get(f"val/bpb/head_{h}", np.nan) for h in range(2, n + 1)]
         row = {"run": r["name"], "size": r.get(SIZE, ""), "recipe": r.get(RECIPE, ""), "seed": r["seed"], "n": n,
                "head_type": r["head_type"], "mtp_schedule": r["mtp_schedule"],
-               "params": _num(runs, "model/params")[i], "steps": f"{_num(runs, 'train_step')[i]:.0f} of "
-               f"{_num(runs, 'params.train.steps')[i]:.0f}", "train_tokens": budget[i],
+               "params": _num(runs, "model/params")[i], "steps": f"{_num(runs, 'train_step')[i]:.0f} of {planned[i]:.0f}", "train_tokens": budget[i],
                "val_bpb": _num(runs, "val/bpb")[i],
                "val_bpb_heads_2_n": " ".join(f"{v:.3f}" for v in pd.to_numeric(pd.Series(heads), errors="coerce")),
                # the drafting the validation pass measured (teacher-forced): bytes a step
