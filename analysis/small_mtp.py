@@ -259,7 +259,7 @@ def _md(df: pd.DataFrame) -> str:
 
 def section(ctx: ReportContext, runs: pd.DataFrame) -> Section:
     out = ctx.out
-    runs = runs.reset_index(drop=True)
+    runs = runs.reset_index(drop=True).copy()  # defragmented: the frame was built column by column
     runs["configuration"] = configurations(runs)
     budget, why = budgets(runs)
     compared = runs[why == ""].reset_index(drop=True)
