@@ -153,7 +153,8 @@ def run_table(runs: pd.DataFrame, budget: pd.Series, why: pd.Series, batches: li
         heads = [r.get(f"val/bpb/head_{h}", np.nan) for h in range(2, n + 1)]
         row = {"run": r["name"], "size": r.get(SIZE, ""), "recipe": r.get(RECIPE, ""), "seed": r["seed"], "n": n,
                "head_type": r["head_type"], "mtp_schedule": r["mtp_schedule"],
-               "params": _num(runs, "model/params")[i], "steps": f"{_num(runs, 'train_step')[i]:.0f} of {planned[i]:.0f}", "train_tokens": budget[i],
+               "params": _num(runs, "model/params")[i],
+               "steps": f"{_num(runs, 'train_step')[i]:.0f} of {planned[i]:.0f}", "train_tokens": budget[i],
                "val_bpb": _num(runs, "val/bpb")[i],
                "val_bpb_heads_2_n": " ".join(f"{v:.3f}" for v in pd.to_numeric(pd.Series(heads), errors="coerce")),
                # the drafting the validation pass measured (teacher-forced): bytes a step
