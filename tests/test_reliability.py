@@ -373,16 +373,20 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_sigterm_stops
     MLflow runs; SIGTERM left status.json at "running"."""
     import signal
     import sys
+    import time
 
     from bytelm.fileio import read_jsonl
 
     run = tmp_path / "run"
     argv = train_argv(run, smoke_data, "train.steps=1000000", "train.checkpoint_every=1000000", "train.eval_every=1000000")
-    first = subprocess.Popen([sys.executable, "-m", "bytelm", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             cwd=tmp_path)
+    log = tmp_path / "first.stderr"  # a file: a pipe nobody reads while it trains could fill and block it
+    with open(log, "wb") as f:
+        first = subprocess.Popen([sys.executable, "-m", "bytelm", *argv], stdout=subprocess.DEVNULL, stderr=f,
+                                 cwd=tmp_path)
     try:
         while not read_jsonl(run / "metrics.jsonl", appending=True):  # it holds the lock, has trained a step
-            assert first.poll() is None, first.stderr.read().decode()
+            assert first.poll() is None, log.read_text()
+            time.sleep(0.05)  # not a busy loop: the trainer needs the core
         code, err = run_cli(argv, capsys)
         line = one_line(err)
         assert code == 2 and f"pid {first.pid} on host {socket.gethostname()}" in line and "in use" in line
@@ -390,7 +394,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_sigterm_stops
         assert first.wait(timeout=300) == 128 + signal.SIGTERM
     finally:
         first.kill()
-    err = first.stderr.read().decode()
+    err = log.read_text()
     assert "Traceback" not in err and "stopped by SIGTERM" in err
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "stopped"
