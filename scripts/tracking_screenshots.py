@@ -69,6 +69,14 @@ def settle(page, seconds: float = 4.0) -> None:
     page.wait_for_timeout(seconds * 1000)
 
 
+def filter_by(page, placeholder: str, text: str) -> None:
+    """Types `text` into the view's search box, where this MLflow version has one."""
+    search = page.get_by_placeholder(placeholder)
+    if search.count():
+        search.first.fill(text)
+        settle(page, 4)
+
+
 def close_assistant(page) -> None:
     """MLflow 3.17 opens an assistant panel beside every page; it is not part of the study."""
     for label in ("Close", "close"):
@@ -126,10 +134,7 @@ def main() -> None:
             # the chart view: runs compared metric by metric, summary metrics first
             page.locator("svg:has(path[d^='M1 1v13.25'])").first.click()
             settle(page, 8)
-            search = page.get_by_placeholder("Search metric charts")
-            if search.count():
-                search.first.fill("summary/")
-                settle(page, 4)
+            filter_by(page, "Search metric charts", "summary/")
             page.screenshot(path=str(args.out / "charts.png"))
             if child:
                 page.goto(f"{base}/runs/{child}?workflowType=machine_learning")
@@ -141,10 +146,7 @@ def main() -> None:
                 page.screenshot(path=str(args.out / "run.png"))
                 page.goto(f"{base}/runs/{child}/model-metrics?workflowType=machine_learning")
                 settle(page, 8)
-                search = page.get_by_placeholder("Search")
-                if search.count():
-                    search.first.fill("speedup/")
-                    settle(page, 4)
+                filter_by(page, "Search", "speedup/")
                 page.screenshot(path=str(args.out / "curve.png"))
                 page.goto(f"{base}/runs/{child}/artifacts?workflowType=machine_learning")
                 settle(page, 6)

@@ -27,6 +27,34 @@ def chi2_pvalue(observed: np.ndarray, expected_p: np.ndarray) -> float:
     return chisquare(o, e * o.sum() / e.sum()).pvalue
 
 
+VOCAB, PROMPT, SAMPLING = 6, [1, 4, 2], Sampling(temperature=1.0, top_p=0.9)
+
+
+def sampling_model(head_type: str) -> tuple[MTPTransformer, np.ndarray]:
+    """A random 3-head model over 6 tokens (float64) and the exact joint distribution of the
+    3 tokens it samples after PROMPT (216 outcomes, index a·36 + b·6 + c), computed from
+    no-cache forwards."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=4, d_model=16, n_heads=2, context=16, vocab_size=VOCAB, n_future=3,
+                      head_type=head_type, init_std=0.5)
+    model = MTPTransformer(cfg).double().eval()
+    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=2)))
+    with torch.no_grad():
+        x = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], dim=1)
+        p = probs(model(x, n_heads=1)[:, :, 0], SAMPLING)  # (36, len, 6)
+    L, rows = len(PROMPT), torch.arange(len(seqs))
+    joint = (p[0, L - 1][seqs[:, 0]] * p[rows, L, seqs[:, 1]])[:, None] * p[:, L + 1]
+    return model, joint.flatten().numpy()
+
+
+def assert_sampled_from(tokens: list[list[int]], joint: np.ndarray) -> None:
+    """Samples of 3 tokens each follow `joint` (a chi-squared test and the total variation)."""
+    assert all(len(t) == 3 for t in tokens)
+    observed = np.bincount([a * VOCAB**2 + b * VOCAB + c for a, b, c in tokens], minlength=VOCAB**3)
+    assert chi2_pvalue(observed, joint) > 1e-3
+    assert 0.5 * np.abs(observed / len(tokens) - joint).sum() < 0.03
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]], dtype=torch.float64))
     p = probs(logits, Sampling(1.0, 0.7))  # 0.5 + 0.2 reaches 0.7
@@ -89,24 +117,7 @@ def test_one_speculative_sampling_step_is_exact():
 def test_speculative_sampling_keeps_the_model_distribution(head_type, k):
     """The joint distribution of 3 sampled tokens (216 outcomes) equals the model's own,
     computed exactly from no-cache forwards, for plain and speculative sampling."""
-    V, N, new = 6, 20_000, 3
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=4, d_model=16, n_heads=2, context=16, vocab_size=V, n_future=3,
-                      head_type=head_type, init_std=0.5)
-    model = MTPTransformer(cfg).double().eval()
-    prompt = [1, 4, 2]
-    s = Sampling(temperature=1.0, top_p=0.9)
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=new - 1)))
-    with torch.no_grad():
-        x = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
-        p = probs(model(x, n_heads=1)[:, :, 0], s)  # (V², len, V)
-    L, rows = len(prompt), torch.arange(len(seqs))
-    joint = (p[0, L - 1][seqs[:, 0]] * p[rows, L, seqs[:, 1]])[:, None] * p[:, L + 1]
-    joint = joint.flatten().numpy()  # index a·V² + b·V + c
-
-    gen = Decoder(model, heads=k, batch_size=2000, max_len=10, sampling=s).run([prompt] * N, new, seed=k)
-    assert all(len(t) == new for t in gen.tokens)
+    model, joint = sampling_model(head_type)
+    gen = Decoder(model, heads=k, batch_size=2000, max_len=10, sampling=SAMPLING).run([PROMPT] * 20_000, 3, seed=k)
     assert 0.05 < gen.stats.acceptance_by_depth[0] < 0.95
-    observed = np.bincount([a * V * V + b * V + c for a, b, c in gen.tokens], minlength=V**new)
-    assert chi2_pvalue(observed, joint) > 1e-3
-    assert 0.5 * np.abs(observed / N - joint).sum() < 0.03
+    assert_sampled_from(gen.tokens, joint)

@@ -1,10 +1,8 @@
 """Tree verification: trees of candidate paths, tree greedy decoding equal to plain greedy
 decoding token for token, exact tree sampling, and tree-fit's statistics."""
 
-import itertools
 from functools import lru_cache
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +11,9 @@ from bytelm.config import ModelConfig
 from bytelm.errors import UserError
 from bytelm.generate import Decoder, generate_ids
 from bytelm.model import MTPTransformer
-from bytelm.speculative import Sampling, probs
 from bytelm.tree import Tree, best_tree, count_paths, ranked_paths
 from test_generate import TOK, _GraphRehearsal, prompts_of_lengths, trained_model
-from test_speculative import chi2_pvalue
+from test_speculative import PROMPT, SAMPLING, assert_sampled_from, sampling_model
 
 # Paths share prefixes (0,) and (0, 0); ranks up to 2; depth 3 (4 heads).
 STOP = ["pa", "e"]
@@ -128,28 +125,12 @@ def test_tree_sampling_keeps_the_model_distribution(head_type):
     """The joint distribution of 3 sampled tokens (216 outcomes) under recursive rejection
     over a tree equals the model's own, computed exactly from no-cache forwards, as the
     chain's test checks for chain sampling."""
-    V, N, new = 6, 20_000, 3
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=4, d_model=16, n_heads=2, context=16, vocab_size=V, n_future=3,
-                      head_type=head_type, init_std=0.5)
-    model = MTPTransformer(cfg).double().eval()
-    prompt = [1, 4, 2]
-    s = Sampling(temperature=1.0, top_p=0.9)
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=new - 1)))
-    with torch.no_grad():
-        x = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
-        p = probs(model(x, n_heads=1)[:, :, 0], s)
-    L, rows = len(prompt), torch.arange(len(seqs))
-    joint = (p[0, L - 1][seqs[:, 0]] * p[rows, L, seqs[:, 1]])[:, None] * p[:, L + 1]
-    joint = joint.flatten().numpy()
-
+    model, joint = sampling_model(head_type)
     tree = Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
-    gen = Decoder(model, heads=3, batch_size=2000, max_len=10, sampling=s, tree=tree).run([prompt] * N, new, seed=1)
-    assert all(len(t) == new for t in gen.tokens)
+    gen = Decoder(model, heads=3, batch_size=2000, max_len=10, sampling=SAMPLING, tree=tree).run([PROMPT] * 20_000, 3,
+                                                                                                 seed=1)
     assert 0.05 < gen.stats.acceptance_by_depth[0] < 0.95 and gen.stats.acceptance_by_depth[1] > 0.01
-    observed = np.bincount([a * V * V + b * V + c for a, b, c in gen.tokens], minlength=V**new)
-    assert chi2_pvalue(observed, joint) > 1e-3
-    assert 0.5 * np.abs(observed / N - joint).sum() < 0.03
+    assert_sampled_from(gen.tokens, joint)
 
 
 def test_path_counts_and_the_best_tree():
