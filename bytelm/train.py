@@ -35,7 +35,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from bytelm import checkpoint as ckpt
 from bytelm.config import RunConfig, load_config, save_config, to_dict
@@ -280,7 +279,7 @@ def optimizer_step(s: StepSetup, x_all: torch.Tensor, y_all: torch.Tensor,
     if s.world > 1 and not s.sharded:
         all_reduce_grads(s.model, s.world)
     norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
-    grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a DTensor under FSDP
+    grad_norm = float(norm.full_tensor() if s.sharded else norm)  # a DTensor under FSDP
     total = sum(l.total for l in losses) / accum
     per_head = [sum(l.per_head[i] for l in losses) / accum for i in range(len(weights))]
     if s.world > 1:  # the logged loss is that of the global batch, not of this rank's share

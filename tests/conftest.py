@@ -1,5 +1,9 @@
 """Shared test fixtures.
 
+`mlflow_store`: the URI of an empty MLflow SQLite store at tmp_path/mlflow.db, a copy of
+`empty_mlflow_db`, made once per session (MLflow's schema migrations take seconds of CPU
+per fresh store).
+
 `smoke_data`: the smoke corpus (`bytelm prepare --preset smoke`: 4 MB of the standard
 library, bytes and a 2,048-token BPE), built once per test session. Under pytest-xdist
 every worker asks for it; the first builds it into a folder shared by the session's
@@ -39,6 +43,24 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # Idempotent: the second worker's call finds every stage up to date in ~0.1 s.
         prepare(preset_options("smoke", out, workers=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bytelm.tracking import mlflow_client
+
+    root = _session_dir(tmp_path_factory)
+    db = root / "empty_mlflow" / "mlflow.db"
+    with FileLock(str(root / "empty_mlflow.lock")):
+        if not db.is_file():
+            mlflow_client(f"sqlite:///{db}")  # makes the tables
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, empty_mlflow_db: Path) -> str:
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,6 +3,7 @@ corpus, the real CLI in a subprocess, the JSON it writes and the MLflow run it l
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,9 +28,10 @@ ROW_FIELDS = {"heads_used", "batch_size", "bytes_per_forward", "tokens_per_forwa
 
 
 @pytest.fixture(scope="module")
-def run_dir(smoke_data, tmp_path_factory):
+def run_dir(smoke_data, tmp_path_factory, empty_mlflow_db):
     """A 4-head byte model trained for 20 steps, logged to a SQLite MLflow store."""
     root = tmp_path_factory.mktemp("bench")
+    shutil.copyfile(empty_mlflow_db, root / "mlflow.db")  # as the mlflow_store fixture does, once for the module
     store = f"sqlite:///{root / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = store

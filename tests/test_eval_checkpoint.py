@@ -20,8 +20,8 @@ from bytelm.tracking import Tracker, mlflow_client
 
 
 @pytest.mark.slow
-def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys, mlflow_store):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     cfg = config_from_dict({
         "model": {"n_layers": 3, "d_model": 32, "n_heads": 2, "context": 1024, "vocab_size": 258, "n_future": 2},
         "eval": {"n_samples": 3, "temperatures": [0.5]},  # the run's own defaults; flags override them below
@@ -121,11 +121,11 @@ def test_checkpoint_mode_end_to_end(tmp_path, monkeypatch, capsys):
                        "got 'sparse'")
 
 
-def test_prompts_longer_than_the_context(tmp_path, monkeypatch, capsys):
+def test_prompts_longer_than_the_context(tmp_path, monkeypatch, capsys, mlflow_store):
     """A context shorter than every prompt: the console says how many samples were not
     generated and why, and the command fails unless asked not to; --truncate-prompts
     generates from each prompt's last tokens and records it."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     cfg = config_from_dict({"model": {"n_layers": 2, "d_model": 16, "n_heads": 2, "context": 64, "vocab_size": 258}})
     torch.manual_seed(0)
     run_dir = tmp_path / "run"

@@ -23,7 +23,7 @@ from bytelm.train import train
 SMOKE = config_path("configs/smoke.yaml")
 # 8 steps, 2 accumulation steps of 4 sequences in one process, 1 of 4 per process in two.
 COMMON = ["tracking.mlflow=false", "train.steps=8", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=4",
-          "train.batch_size=8", "train.micro_batch_size=4"]
+          "train.batch_size=8", "train.micro_batch_size=4", "model.context=128"]
 
 # Runs `bytelm` with every head its own group of the memory-efficient loss, so that one
 # micro-batch makes several backward passes (and FSDP gathers the root once per group).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from bytelm.cli import main as bytelm_main
 from bytelm.fileio import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +85,8 @@ def table(report_dir: Path) -> pd.DataFrame:
     return t[[c for c in t.columns if "speedup" not in c and "heads" not in c and "bytes_per_s" not in c]]
 
 
-def test_train_eval_bench_as_dependent_jobs_and_the_same_report_as_local(smoke_data, slurm_cluster, tmp_path):
+def test_train_eval_bench_as_dependent_jobs_and_the_same_report_as_local(smoke_data, slurm_cluster, tmp_path,
+                                                                         mlflow_store, empty_mlflow_db):
     stages = {"stages": ["train", "eval", "bench"],
               "eval": {"tasks": ["humaneval"], "n_samples": 1, "temperatures": [0.8],
                        "args": ["--max-problems", "1", "--truncate-prompts"]},
@@ -97,6 +100,17 @@ def test_train_eval_bench_as_dependent_jobs_and_the_same_report_as_local(smoke_d
     records = {s: json.loads((run_dir / "stages" / f"{s}.slurm.json").read_text()) for s in ids}
     assert records["train"]["after"] is None and records["eval"]["after"] == ids["train"]
     assert records["bench"]["after"] == ids["eval"]
+
+    # while the cluster runs them, the same spec on the local launcher, into another experiment
+    # of its own store (one SQLite file is not written by two sweeps at once): the same tables below
+    local_env = slurm_env(slurm_cluster, tmp_path / "local")
+    (tmp_path / "local").mkdir()
+    shutil.copyfile(empty_mlflow_db, tmp_path / "local" / "mlflow.db")
+    local = write_spec(tmp_path / "local" / "s.yaml", smoke_data, **stages, launcher="local", experiment="local-test",
+                       devices="cpu")
+    r = sweep(local, tmp_path / "local" / "out", local_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
     def finished():
         states = {s: marker(run_dir, s).get("status") for s in ids}
         assert "failed" not in states.values(), {s: marker(run_dir, s) for s in ids}
@@ -115,15 +129,11 @@ def test_train_eval_bench_as_dependent_jobs_and_the_same_report_as_local(smoke_d
     assert r.returncode == 0, r.stderr
     assert all(f"finished ({ids[s]})" in r.stdout for s in ids), r.stdout
 
-    # the same spec on the local launcher, into another experiment: the same tables
-    local = write_spec(tmp_path / "local.yaml", smoke_data, **stages, launcher="local", experiment="local-test",
-                       devices="cpu")
-    r = sweep(local, tmp_path / "out_local", env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    for experiment in ("slurm-test", "local-test"):
-        r = subprocess.run([sys.executable, "-m", "bytelm", "report", "--experiment", experiment, "--out",
-                            str(tmp_path / experiment), "--no-log"], capture_output=True, text=True, env=env)
-        assert r.returncode == 0, r.stderr
+    for experiment, uri in (("slurm-test", env["MLFLOW_TRACKING_URI"]), ("local-test", local_env["MLFLOW_TRACKING_URI"])):
+        with pytest.MonkeyPatch.context() as m, pytest.raises(SystemExit) as e:  # in this process: no start-up again
+            m.setenv("MLFLOW_TRACKING_URI", uri)
+            bytelm_main(["report", "--experiment", experiment, "--out", str(tmp_path / experiment), "--no-log"])
+        assert e.value.code == 0
     a, b = table(tmp_path / "slurm-test"), table(tmp_path / "local-test")
     assert len(a) == 1 and "val/bpb" in a.columns and "pass_at_1/humaneval/best" in a.columns
     pd.testing.assert_frame_equal(a, b)

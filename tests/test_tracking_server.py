@@ -34,12 +34,12 @@ def get_json(url: str) -> dict:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, mlflow_store):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        [str(MLFLOW), "server", "--backend-store-uri", mlflow_store,
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,

@@ -32,7 +32,7 @@ def losses(run_dir):
 @pytest.mark.parametrize("tokenizer,head_type,n", [("bytes", "unembed", 4), ("bpe", "transformer", 2)])
 def test_loss_falls_on_real_shards(smoke_data, tmp_path, tokenizer, head_type, n):
     cfg = cfg_for(smoke_data, f"data.tokenizer={tokenizer}", f"model.head_type={head_type}", f"model.n_future={n}",
-                  "train.steps=40", "train.log_every=5", "train.eval_every=40")
+                  "train.steps=40", "train.log_every=5", "train.eval_every=40", "train.batch_size=8", "model.context=128")
     train(cfg, tmp_path / "run")
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
@@ -101,8 +101,8 @@ def test_bad_config_is_one_clear_message(tmp_path, override, key):
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_continues_the_same_mlflow_run(smoke_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_resume_continues_the_same_mlflow_run(smoke_data, tmp_path, monkeypatch, mlflow_store):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     cfg = load_config(SMOKE, [f"data.root={smoke_data}", "train.steps=4", "train.log_every=1", "train.eval_every=4", "train.checkpoint_every=2"])
     train(cfg, tmp_path / "run")
     first = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
