@@ -237,6 +237,8 @@ def main() -> None:
             results["runs"].append(run)
             shutil.rmtree(out, ignore_errors=True)
             print(json.dumps(run)[:300], flush=True)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")  # so far, should a later size fail
         shutil.rmtree(src, ignore_errors=True)
 
     rows = []

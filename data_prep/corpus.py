@@ -64,7 +64,7 @@ from data_prep.sources import PYTHON_GLOBS, Source
 # so (--overwrite).
 CORPUS_IDENTITY = ("sources", "globs", "text_field")
 TASKS_PER_WORKER = 4  # read tasks per worker by default: finer resume, balanced blocks
-TASK_INPUT_BYTES = 128 << 20  # by default, more tasks than that: a task's memory is bounded by its share
+TASK_INPUT_BYTES = 32 << 20  # by default, a task per this many bytes of input files at least: a task's memory is bounded by its share
 WORK = ".work"  # DIR/.work/<key>/: datatrove logs, completions and parts; removed on success
 
 

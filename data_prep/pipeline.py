@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +44,7 @@ from data_prep.decontaminate import NgramIndex
 from data_prep.sources import Source
 
 INDEX_DTYPE = np.dtype([("digest", "V16"), ("length", "<i8"), ("source", "<i4"), ("utf8", "?")])
+INDEX_ROW = struct.Struct("<16sqi?")  # one row of INDEX_DTYPE, packed the same way
 MAX_LISTED_DROPS = 50  # names of contaminated documents listed per benchmark
 
 
@@ -160,9 +162,10 @@ class WritePart(PipelineStep):
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed task
         tmp.mkdir(parents=True)
         seen: set[bytes] = set()
-        index, kept = [], 0
+        n, kept = 0, 0
         dropped = self.counts.setdefault("dropped", {})
-        with open(tmp / "docs.bin", "wb") as f:
+        # The index rows go to disk as they come (a list of them would cost ~130 bytes a document).
+        with open(tmp / "docs.bin", "wb") as f, open(tmp / "index.bin", "wb") as rows:
             for doc in data:
                 raw = doc.metadata["data"]
                 h = digest(raw)
@@ -176,8 +179,9 @@ class WritePart(PipelineStep):
                 except UnicodeDecodeError:
                     utf8 = False
                 f.write(raw)
-                yield DTDocument(text="", id=str(len(index)), metadata={"digest": h, "part": rank})
-                index.append((h, len(raw), doc.metadata["source"], utf8))
+                rows.write(INDEX_ROW.pack(h, len(raw), doc.metadata["source"], utf8))
+                yield DTDocument(text="", id=str(n), metadata={"digest": h, "part": rank})
+                n += 1
                 kept += len(raw)
                 self.stat_update("kept")
                 if self.max_bytes and kept >= self.max_bytes:
@@ -185,7 +189,8 @@ class WritePart(PipelineStep):
                     break
             f.flush()
             os.fsync(f.fileno())
-        np.save(tmp / "index.npy", np.array(index, dtype=INDEX_DTYPE))
+        np.save(tmp / "index.npy", np.fromfile(tmp / "index.bin", dtype=INDEX_DTYPE))
+        (tmp / "index.bin").unlink()
         (tmp / "counts.json").write_text(json.dumps(self.counts, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
