@@ -8,9 +8,10 @@ duplicates between parts (first copy kept) by a merge of per-part sorted signatu
 on disk, optionally datatrove's MinHash stages the near-duplicates; the merge walks the
 parts in order, splits train/validation, applies the source weights, and streams the
 result into the corpus shards. Memory does not grow with the corpus: a read task holds one
-document (a batch of 1,000 rows for parquet) and about 250 bytes per document of its part
-(the in-task dedup and the part's index), and the default task count grows with the input
-so that a task reads at most TASK_INPUT_BYTES of files; the cross-part merge holds one
+document (a batch of 1,000 rows for parquet) and a few hundred bytes per document of its
+part (the in-task dedup set and datatrove's list of its signatures), and the default task
+count grows with the input so that a task reads about TASK_INPUT_BYTES of files at most
+(a larger single file is one task); the cross-part merge holds one
 signature per part; the corpus write holds one part's index. MinHash adds datatrove's own
 bounded buffers and, in its clustering step, the duplicate pairs found.
 
