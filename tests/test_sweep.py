@@ -541,6 +541,12 @@ def test_bench_per_batch_prompt_counts_and_trees_fitted_first(tmp_path):
             for c in benches] == [("1", "16", "8,16,64", "decode_code_b1.json"), ("16", "240", "8,16,64", "decode_code_b16.json")]
     assert all(flag(c, "--heads") == "1,2,4,8" and "--cuda-graphs" in c for c in benches)
     assert flag(cmds[2][0], "--nodes") == "8" and flag(cmds[2][1], "--tree") == "8" and flag(cmds[2][1], "--heads") == "1,2"
+    # sequential heads draft one after another: chains only, no tree to fit
+    seq = load_spec(write_spec(tmp_path / "q.yaml", stages=["train", "bench"], bench=bench,
+                               grid={"vocab": {"bytes": {"n": [2], "head_type": "sequential"}}, "seed": [0]}))
+    (plan,) = plan_sweep(seq)
+    seq_cmds = stage_commands(seq, plan, tmp_path / plan.name, parent_run_id=None, use_mlflow=False)["bench"]
+    assert [(c[3], flag(c, "--heads"), flag(c, "--tree")) for c in seq_cmds] == [("decode-bench", "1,2", None)] * 2
     params = stage_params(spec, plan_sweep(spec)[1], "bench")
     assert params["stage.bench.trees"] == "8" and params["stage.bench.n_prompts"] == "b1:16,b16:240"
     assert params["stage.bench.batch_sizes"] == "1,16"
@@ -599,5 +605,5 @@ def test_the_small_mtp_spec_plans_every_run_on_one_budget(smoke_data):
         benches = [c for c in cmds if c[3] == "decode-bench"]
         assert [(c[c.index("--batch-sizes") + 1], c[c.index("--n-prompts") + 1]) for c in benches] == [("1", "16"), ("16", "240")]
         trees[name] = (fit, {c[c.index("--tree") + 1] if "--tree" in c else None for c in benches})
-    # a depth-2 model's tree holds 11 nodes at most: only the 8-node tree
-    assert trees == {"100m-n1-s0": ([], {None}), "100m-seq2-s0": (["8"], {"8"}), "100m-equal-s0": (["64"], {"8,32,64"})}
+    # sequential heads draft one after another, so they decode chains only (no tree to fit)
+    assert trees == {"100m-n1-s0": ([], {None}), "100m-seq2-s0": ([], {None}), "100m-equal-s0": (["64"], {"8,32,64"})}

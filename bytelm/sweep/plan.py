@@ -24,6 +24,7 @@ class RunPlan:
     steps: int
     data_root: str
     base: str = ""  # the base config `bytelm train --config` reads (the spec's, or its grid choice's)
+    head_type: str = ""  # model.head_type: trees need heads that all read the trunk (not sequential)
     resources: Resources = field(default_factory=Resources)
     eval: dict = field(default_factory=dict)  # the run's eval.* config (what `bytelm eval` reads)
     vocab_size: int | None = None
@@ -95,7 +96,7 @@ def plan_sweep(spec: SweepSpec, cli_overrides: list[str] = (), only: str | None 
         except UserError as e:
             raise UserError(f"sweep run {name}: {e}") from None
         resources = parse_resources(choice.resources, f"sweep run {name}: resources", spec.resources)
-        plan = RunPlan(name=name, grid=values, overrides=items, n_future=cfg.model.n_future, steps=cfg.train.steps,
+        plan = RunPlan(name=name, grid=values, overrides=items, n_future=cfg.model.n_future, head_type=cfg.model.head_type, steps=cfg.train.steps,
                        data_root=cfg.data.root, base=str(base), resources=resources, eval=to_dict(cfg)["eval"],
                        tokens_per_step=cfg.train.batch_size * cfg.model.context)
         meta = _shard_meta(cfg)

@@ -59,13 +59,16 @@ def stage_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path, *, parent_run_
     return {s: cmds[s] for s in STAGES if s in cmds}
 
 
-def tree_sizes(spec: SweepSpec, n_future: int) -> list[int]:
-    """The spec's tree sizes that a model of n_future heads can fill: a tree holds at most
-    the paths of up to n-1 drafts of MAX_RANK candidates each (none for n = 1)."""
+def tree_sizes(spec: SweepSpec, plan: RunPlan) -> list[int]:
+    """The spec's tree sizes that the run's model can fill: a tree holds at most the paths
+    of up to n-1 drafts of MAX_RANK candidates each (none for n = 1), and sequential heads,
+    which draft one after another, decode chains only."""
     from bytelm.tree import MAX_RANK
 
-    most = 1 + sum(MAX_RANK ** d for d in range(1, n_future))
-    return [t for t in spec.bench.trees or [] if t <= most] if n_future > 1 else []
+    if plan.n_future == 1 or plan.head_type == "sequential":
+        return []
+    most = 1 + sum(MAX_RANK ** d for d in range(1, plan.n_future))
+    return [t for t in spec.bench.trees or [] if t <= most]
 
 
 def bench_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path) -> list[list[str]]:
@@ -79,7 +82,7 @@ def bench_commands(spec: SweepSpec, plan: RunPlan, run_dir: Path) -> list[list[s
         bench += ["--heads", _fmt([h for h in (b.heads or [1]) if h <= plan.n_future] or [1])]
     if b.max_new is not None:
         bench += ["--max-new", str(b.max_new)]
-    trees = tree_sizes(spec, plan.n_future)
+    trees = tree_sizes(spec, plan)
     cmds = []
     if trees:  # the tree file the benchmark reads, fitted to this checkpoint's weights
         cmds.append(bytelm_cmd("tree-fit", "--checkpoint", str(run_dir), "--nodes", str(max(trees)),
@@ -130,7 +133,7 @@ def stage_params(spec: SweepSpec, plan: RunPlan, stage: str) -> dict[str, str]:
         if b.n_prompts is not None:
             values["n_prompts"] = [f"b{k}:{v}" for k, v in b.n_prompts.items()]
         if b.trees is not None:
-            values["trees"] = tree_sizes(spec, plan.n_future) or "none (the model's heads fill no tree asked for)"
+            values["trees"] = tree_sizes(spec, plan) or "none (the model's heads fill or draft no tree asked for)"
             values["tree_fit_args"] = list(map(str, b.tree_fit_args))
     elif stage == "synth":
         values = {"task": spec.synth.task, "args": list(map(str, spec.synth.args))}
